@@ -1,0 +1,35 @@
+# Every target sets itself up: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+RECIPE ?= recipes/digits.yaml
+
+.PHONY: install demo test test-fast bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edge-pipeline run $(RECIPE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check edge_pipeline tests device_tests
+
+clean:
+	rm -rf runs dist .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,34 @@
+"""The one error type a user sees: what went wrong, where, and what to do about it."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Bad input or a failed step, phrased for the person running the tool.
+
+    ``where`` names the file and key, layer, op or device; ``hint`` says what to do. The CLI prints these
+    without a traceback and exits with ``exit_code`` (2 for bad input by default).
+    """
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None, exit_code: int = 2):
+        super().__init__(message)
+        self.message = message
+        self.where = where
+        self.hint = hint
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.where:
+            parts.append(f"  where: {self.where}")
+        if self.hint:
+            parts.append(f"  hint: {self.hint}")
+        return "\n".join(parts)
+
+
+class BudgetFailure(PipelineError):
+    """A target was produced but missed one of its budgets (exit code 1)."""
+
+    def __init__(self, message: str, **kw):
+        kw.setdefault("exit_code", 1)
+        super().__init__(message, **kw)

@@ -1,0 +1,179 @@
+"""Sequences the stages: computes each stage's cache key, reuses a stage whose key is unchanged, runs the
+rest in order, and records everything in ``run.json``. The stages themselves know nothing of this."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_pipeline import progress
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.recipe import Recipe, load_recipe
+from edge_pipeline.runstore import RunStore
+
+
+@dataclass(frozen=True)
+class StageDef:
+    name: str
+    module: str  # edge_pipeline.stages.<module>, with run(ctx, out_dir) -> metrics
+    deps: tuple[str, ...]
+    config: Callable[[Recipe], Any]
+    enabled: Callable[[Recipe], bool] = lambda r: True
+
+
+def _lower_config(r: Recipe) -> dict:
+    from edge_pipeline.targets import load_profile
+
+    return {"targets": [load_profile(t).model_dump() for t in r.targets]}
+
+
+STAGES: list[StageDef] = [
+    StageDef("teacher", "teacher", (), lambda r: {"model": r.model, "weights": r.weights, "data": r.data,
+                                                   "train": r.train.model_dump()}),
+    StageDef("prune", "prune", ("teacher",), lambda r: r.prune.model_dump(), lambda r: r.prune.enabled),
+    StageDef("distill", "distill", ("teacher", "prune"), lambda r: r.distill.model_dump(),
+             lambda r: r.distill.enabled),
+    StageDef("calibrate", "calibrate", (), lambda r: {"data": r.data, **r.calibrate.model_dump()},
+             lambda r: any(t for t in r.targets)),
+    StageDef("lower", "lower", ("teacher", "prune", "distill", "calibrate"), _lower_config,
+             lambda r: bool(r.targets)),
+    StageDef("device-test", "device_test", ("teacher", "lower"),
+             lambda r: {"devices": r.devices, **r.device_test.model_dump()},
+             lambda r: bool(r.targets) and r.device_test.enabled),
+    StageDef("package", "package", ("teacher", "prune", "distill", "calibrate", "lower", "device-test"),
+             lambda r: r.package.model_dump(), lambda r: bool(r.targets) and r.package.enabled),
+]
+STAGE_NAMES = [s.name for s in STAGES]
+
+
+@dataclass
+class Context:
+    """What a stage may read: the recipe, the data, and the folders of the stages before it."""
+
+    recipe: Recipe
+    recipe_path: str | None
+    store: RunStore
+    keys: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, dict] = field(default_factory=dict)
+
+    @cached_property
+    def data(self):
+        from edge_pipeline.sources import load_data
+
+        return load_data(self.recipe.data, where=f"{self.recipe_path}: data")
+
+    def stage_dir(self, stage: str) -> Path | None:
+        """The folder of an earlier, enabled stage, or None where that stage is disabled."""
+        return None if self.keys.get(stage) == "disabled" else self.store.stage_dir(stage)
+
+    def model_dir(self) -> Path:
+        """The folder holding the model the later stages work on: distilled, else pruned, else the teacher."""
+        for stage in ("distill", "prune", "teacher"):
+            d = self.stage_dir(stage)
+            if d is not None:
+                return d
+        raise AssertionError("teacher stage is always enabled")
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    stages: dict[str, dict]  # name -> {"status": ran|reused|disabled, "seconds", "metrics"}
+    run_json: dict
+    failed_targets: list[str]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed_targets else 0
+
+
+def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "default",
+        from_stage: str | None = None, only: str | None = None, force: bool = False,
+        until: str | None = None) -> RunSummary:
+    """Run a recipe; the Python equivalent of ``edge-pipeline run``. ``until`` stops after that stage."""
+    recipe = load_recipe(recipe_path)
+    for opt, val in (("--from-stage", from_stage), ("--only", only), ("until", until)):
+        if val is not None and val not in STAGE_NAMES:
+            raise PipelineError(f"unknown stage '{val}' for {opt}", hint=f"stages: {', '.join(STAGE_NAMES)}")
+    if not run_id or not all(c.isalnum() or c in "-_." for c in run_id) or run_id.startswith("."):
+        raise PipelineError(f"bad run id '{run_id}'", hint="use letters, digits, '-', '_' or '.'")
+    store = RunStore(Path(out or recipe.output), recipe.name, run_id, STAGE_NAMES)
+    store.clean_partial()
+    ctx = Context(recipe, str(recipe_path), store)
+    summary: dict[str, dict] = {}
+    recipe_doc = recipe.model_dump()
+    forced_from = 0 if force else (STAGE_NAMES.index(from_stage) if from_stage else None)
+
+    for i, sd in enumerate(STAGES):
+        if not sd.enabled(recipe):
+            ctx.keys[sd.name] = "disabled"
+            summary[sd.name] = {"status": "disabled"}
+            continue
+        config = sd.config(recipe)
+        inputs = {d: ctx.keys[d] for d in sd.deps}
+        if sd.name in ("teacher", "calibrate"):
+            inputs["data"] = ctx.data.fingerprint()
+        if sd.name == "calibrate":
+            inputs["set"] = _pinned_set_hash(recipe)
+        key = store.cache_key(sd.name, config, inputs)
+        ctx.keys[sd.name] = key
+        forced = forced_from is not None and i >= forced_from
+        if only is not None and sd.name != only:
+            if not store.is_current(sd.name, key):
+                raise PipelineError(f"--only {only} needs stage '{sd.name}' up to date, and it is not",
+                                    hint="run without --only first")
+            ctx.metrics[sd.name] = store.record(sd.name)["metrics"]
+            summary[sd.name] = {"status": "reused", **_brief(store.record(sd.name))}
+            if STAGE_NAMES.index(only) < i:
+                break
+            continue
+        if store.is_current(sd.name, key) and not forced:
+            rec = store.record(sd.name)
+            ctx.metrics[sd.name] = rec["metrics"]
+            summary[sd.name] = {"status": "reused", **_brief(rec)}
+            progress.note(f"stage {sd.name}: reused (unchanged, {store.folder_name(sd.name)})")
+            if sd.name == until:
+                break
+            continue
+        progress.note(f"stage {sd.name}: running")
+        started = time.time()
+        stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
+        try:
+            with store.writing(sd.name) as tmp:
+                metrics = stage_mod.run(ctx, tmp)
+                rec = {"stage": sd.name, "key": key, "config": config, "inputs": inputs,
+                       "seconds": round(time.time() - started, 3), "metrics": metrics}
+                (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
+        except PipelineError:
+            store.write_run_json(recipe_doc, str(recipe_path), "failed")
+            raise
+        ctx.metrics[sd.name] = metrics
+        summary[sd.name] = {"status": "ran", **_brief(rec)}
+        progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")
+        if sd.name == until:
+            break
+
+    failed = sorted({t for m in ctx.metrics.values() for t in m.get("failed_targets", [])})
+    doc = store.write_run_json(recipe_doc, str(recipe_path), "failed-targets" if failed else "ok",
+                               {"failed_targets": failed})
+    return RunSummary(store.dir, summary, doc, failed)
+
+
+def _brief(rec: dict) -> dict:
+    return {"seconds": rec.get("seconds"), "metrics": rec.get("metrics", {})}
+
+
+def _pinned_set_hash(recipe: Recipe) -> str | None:
+    """A pinned representative set's recorded sha256, so editing the set re-runs everything downstream."""
+    if not recipe.calibrate.set:
+        return None
+    from edge_pipeline.runstore import sha256_file
+
+    npz = Path(recipe.calibrate.set).with_suffix(".npz")
+    return sha256_file(npz) if npz.is_file() else None
+

@@ -1,0 +1,182 @@
+"""The recipe: a YAML file naming the model, the data, each stage's config, the targets and the devices.
+
+Everything is validated before any work starts; an error names the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edge_pipeline.errors import PipelineError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TeacherTrainConfig(_Strict):
+    """How a zoo teacher is trained when the model source needs training (zoo models only)."""
+
+    epochs: int = Field(30, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class PruneConfig(_Strict):
+    enabled: bool = True
+    method: Literal["structured", "unstructured", "2:4"] = "structured"
+    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    # Exactly one target: a channel ratio, or a budget (absolute or as a fraction of the teacher).
+    ratio: float | None = Field(None, gt=0, lt=1)
+    max_macs: float | None = Field(None, gt=0)
+    max_params: float | None = Field(None, gt=0)
+    global_pruning: bool = False
+    max_layer_ratio: float = Field(0.9, gt=0, le=1)
+    iterative_steps: int = Field(3, ge=1)
+    finetune_epochs: int = Field(3, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    ignore: list[str] = []
+    ignore_types: list[str] = []
+    sensitivity_scan: bool = False
+    scan_ratios: list[float] = [0.25, 0.5, 0.75]
+    seed: int = 0
+
+
+class DistillConfig(_Strict):
+    enabled: bool = True
+    student: str = "pruned"  # "pruned" | "teacher@WIDTH" | a model source (zoo:NAME, pkg.mod:callable)
+    alpha: float = Field(0.7, ge=0, le=1)
+    temperature: float = Field(4.0, gt=0)
+    soft_only: bool = False
+    hint_layers: list[tuple[str, str]] = []  # (student layer, teacher layer)
+    hint_weight: float = Field(1.0, ge=0)
+    epochs: int = Field(40, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(2, ge=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(10, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class CalibrateConfig(_Strict):
+    set: str | None = None  # path (without suffix) of a pinned set; drawn and written there when missing
+    samples: int = Field(256, ge=1)
+    seed: int = 0
+    compare_methods: bool = True
+    sensitivity: bool = True
+
+
+class DeviceTestConfig(_Strict):
+    enabled: bool = True
+    runs: int = Field(50, ge=1)
+    warmup: int = Field(5, ge=0)
+    threads: int = Field(1, ge=1)
+    timeout_s: float = Field(300, gt=0)
+
+
+class PackageConfig(_Strict):
+    enabled: bool = True
+    version: str = "0.1.0"
+    dist: str = "dist"
+    allow_failing: bool = False
+
+
+class Recipe(_Strict):
+    name: str
+    description: str = ""
+    model: str
+    weights: str | None = None  # a state_dict file for the model (loaded with weights_only=True)
+    data: str
+    train: TeacherTrainConfig = TeacherTrainConfig()
+    prune: PruneConfig = PruneConfig()
+    distill: DistillConfig = DistillConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
+    targets: list[str] = []
+    devices: list[str] = ["local"]
+    device_test: DeviceTestConfig = DeviceTestConfig()
+    package: PackageConfig = PackageConfig()
+    output: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_a_folder_name(cls, v: str) -> str:
+        if not v or not all(c.isalnum() or c in "-_." for c in v) or v.startswith("."):
+            raise ValueError("must be letters, digits, '-', '_' or '.', used as a folder name")
+        return v
+
+
+def _key_path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _explain(err: dict, source: str) -> PipelineError:
+    key = _key_path(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = Recipe
+        for part in err["loc"][:-1]:
+            field = parent.model_fields.get(part) if isinstance(part, str) else None
+            parent = field.annotation if field is not None and isinstance(field.annotation, type) else None
+            if parent is None or not issubclass(parent, BaseModel):
+                parent = None
+                break
+        known = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=2)
+        hint = f"did you mean {' or '.join(close)}?" if close else f"known keys here: {', '.join(known)}"
+        return PipelineError(f"unknown key '{err['loc'][-1]}'", where=f"{source}: {key}", hint=hint)
+    if kind == "missing":
+        return PipelineError(f"missing required key '{err['loc'][-1]}'", where=f"{source}: {key}")
+    return PipelineError(
+        f"invalid value {err.get('input')!r}: {err['msg']}", where=f"{source}: {key}"
+    )
+
+
+def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
+    if not isinstance(data, dict):
+        raise PipelineError("a recipe must be a YAML mapping", where=source, hint="see recipes/digits.yaml")
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e.errors()[0], source) from None
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe file; the model and data sources are checked too (cheaply, no loading)."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"recipe file not found: {path}", hint="pass a path such as recipes/digits.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PipelineError(f"not valid YAML: {e}", where=str(path)) from None
+    recipe = parse_recipe(data, str(path))
+    check_references(recipe, str(path), base=path.parent)
+    return recipe
+
+
+def check_references(recipe: Recipe, source: str, base: Path) -> None:
+    """Fail early on sources, targets and devices that do not exist, before any folder is written."""
+    from edge_pipeline import sources, targets
+    from edge_pipeline.devices import parse_device
+
+    sources.check_model_source(recipe.model, where=f"{source}: model")
+    sources.check_data_source(recipe.data, where=f"{source}: data")
+    if recipe.weights and not Path(recipe.weights).is_file():
+        raise PipelineError(f"weights file not found: {recipe.weights}", where=f"{source}: weights")
+    if recipe.distill.student not in ("pruned",) and not recipe.distill.student.startswith("teacher@"):
+        sources.check_model_source(recipe.distill.student, where=f"{source}: distill.student")
+    for i, name in enumerate(recipe.targets):
+        targets.load_profile(name, where=f"{source}: targets[{i}]")
+    for i, dev in enumerate(recipe.devices):
+        parse_device(dev, where=f"{source}: devices[{i}]")

@@ -1,0 +1,134 @@
+"""The run directory: ``runs/<recipe>/<run-id>/NN-<stage>/`` plus ``run.json``.
+
+A stage folder is complete or absent: it is written under a hidden temporary name and renamed into place
+when the stage returns. Each holds ``stage.json`` with its cache key (a hash of the stage's config, its
+inputs' keys and the toolchain versions); a stage whose key is unchanged is reused instead of re-run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+RUN_SCHEMA = 1
+TOOLCHAIN = ("torch", "torchao", "executorch", "onnx", "onnxruntime", "onnxscript", "litert-torch",
+             "ai-edge-litert", "torch-pruning", "numpy", "edge-pipeline")
+
+
+def toolchain_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in TOOLCHAIN:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def stable_hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+class RunStore:
+    """One run folder. Stages are numbered in pipeline order: ``00-teacher``, ``01-prune``, ..."""
+
+    def __init__(self, root: Path, recipe_name: str, run_id: str, stage_order: list[str]):
+        self.dir = Path(root) / recipe_name / run_id
+        self.order = stage_order
+        self.versions = toolchain_versions()
+
+    def folder_name(self, stage: str) -> str:
+        return f"{self.order.index(stage):02d}-{stage}"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.dir / self.folder_name(stage)
+
+    def cache_key(self, stage: str, config: Any, inputs: dict[str, str]) -> str:
+        return stable_hash({"stage": stage, "config": config, "inputs": inputs, "versions": self.versions})
+
+    def record(self, stage: str) -> dict | None:
+        """The stage.json of a complete stage folder, or None."""
+        f = self.stage_dir(stage) / "stage.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    def is_current(self, stage: str, key: str) -> bool:
+        rec = self.record(stage)
+        return rec is not None and rec.get("key") == key
+
+    @contextmanager
+    def writing(self, stage: str) -> Iterator[Path]:
+        """Yields a temporary folder; on success it replaces the stage folder in one rename."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.clean_partial()
+        tmp = self.dir / f".{self.folder_name(stage)}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        final = self.stage_dir(stage)
+        if final.exists():
+            old = self.dir / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+
+    def invalidate_from(self, stage: str) -> None:
+        """Remove this stage's and every later stage's folder (their inputs are about to change)."""
+        for later in self.order[self.order.index(stage):]:
+            shutil.rmtree(self.stage_dir(later), ignore_errors=True)
+
+    def clean_partial(self) -> None:
+        """Remove temporary folders a killed run left behind."""
+        if self.dir.is_dir():
+            for p in self.dir.iterdir():
+                if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                    if p.is_dir():
+                        shutil.rmtree(p, ignore_errors=True)
+                    else:
+                        p.unlink(missing_ok=True)
+
+    def write_run_json(self, recipe: dict, recipe_path: str | None, status: str, extra: dict | None = None) -> dict:
+        stages = {}
+        for stage in self.order:
+            rec = self.record(stage)
+            if rec is not None:
+                stages[stage] = {"folder": self.folder_name(stage), **rec}
+        doc = {
+            "schema": RUN_SCHEMA,
+            "recipe": recipe,
+            "recipe_path": recipe_path,
+            "run_dir": str(self.dir),
+            "status": status,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "toolchain": self.versions,
+            "stages": stages,
+            **(extra or {}),
+        }
+        self.dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.dir / "run.json", doc)
+        return doc

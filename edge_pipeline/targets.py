@@ -1,0 +1,87 @@
+"""Target profiles: one YAML file per deployment target (backend, precision, quantization, budgets).
+
+Profiles are looked up by name in ``./targets/`` (users' own) and then in the project's ``targets/``; a path
+to a ``.yaml`` file works too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_pipeline.errors import PipelineError
+
+BUILTIN_DIR = Path(__file__).resolve().parent.parent / "targets"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantConfig(_Strict):
+    per_channel: bool = True
+    symmetric_activations: bool = False
+    method: Literal["minmax", "moving_average", "histogram", "percentile", "entropy"] = "minmax"
+    percentile: float = Field(99.999, gt=50, le=100)
+    max_float_layers: int = Field(3, ge=0)  # accuracy-aware fallback limit
+
+
+class ParityTolerance(_Strict):
+    min_cosine: float = Field(0.99, ge=-1, le=1)
+    min_top1_agreement: float = Field(0.97, ge=0, le=1)
+    max_abs: float | None = Field(None, ge=0)
+
+
+class Budgets(_Strict):
+    max_size_bytes: int | None = Field(None, gt=0)
+    max_latency_ms: float | None = Field(None, gt=0)
+    max_accuracy_drop: float | None = Field(0.01, ge=0)  # vs the float model it came from, test split
+    parity: ParityTolerance = ParityTolerance()
+
+
+class Profile(_Strict):
+    name: str
+    description: str = ""
+    backend: Literal["executorch", "onnxruntime", "tflite"]
+    precision: Literal["fp32", "int8"]
+    quantization: QuantConfig = QuantConfig()
+    io: Literal["float", "int8"] = "float"  # tflite int8 models: quantized or float inputs/outputs
+    platform: Literal["arm", "amd64"] = "arm"  # ORT format: layouts baked in for this platform
+    threads: int = Field(1, ge=1)
+    budgets: Budgets = Budgets()
+
+
+def profile_dirs() -> list[Path]:
+    dirs = [Path.cwd() / "targets", BUILTIN_DIR]
+    return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [x.resolve() for x in dirs[:i]]]
+
+
+def list_profiles() -> list[Profile]:
+    seen: dict[str, Profile] = {}
+    for d in profile_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            seen.setdefault(f.stem, load_profile(str(f)))
+    return list(seen.values())
+
+
+def load_profile(name: str, where: str | None = None) -> Profile:
+    path = Path(name)
+    if not (name.endswith((".yaml", ".yml")) and path.is_file()):
+        found = [d / f"{name}.yaml" for d in profile_dirs() if (d / f"{name}.yaml").is_file()]
+        if not found:
+            known = sorted({f.stem for d in profile_dirs() for f in d.glob("*.yaml")})
+            raise PipelineError(f"unknown target profile '{name}'", where=where,
+                                hint=f"known profiles: {', '.join(known)}; or give a path to a .yaml file")
+        path = found[0]
+    try:
+        data = yaml.safe_load(path.read_text())
+        return Profile.model_validate(data)
+    except yaml.YAMLError as e:
+        raise PipelineError(f"target profile is not valid YAML: {e}", where=str(path)) from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise PipelineError(f"bad target profile: {err['msg']}", where=f"{path}: {key}") from None
