@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import importlib
 import json
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from edge_pipeline import progress
+from edge_pipeline import distributed, progress
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.recipe import Recipe, load_recipe
 from edge_pipeline.runstore import RunStore
@@ -103,7 +106,9 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
     if not run_id or not all(c.isalnum() or c in "-_." for c in run_id) or run_id.startswith("."):
         raise PipelineError(f"bad run id '{run_id}'", hint="use letters, digits, '-', '_' or '.'")
     store = RunStore(Path(out or recipe.output), recipe.name, run_id, STAGE_NAMES)
-    store.clean_partial()
+    ddp = _join_torchrun(recipe)
+    if not ddp or distributed.is_main():
+        store.clean_partial()
     ctx = Context(recipe, str(recipe_path), store)
     summary: dict[str, dict] = {}
     recipe_doc = recipe.model_dump()
@@ -122,46 +127,77 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
             inputs["set"] = _pinned_set_hash(recipe)
         key = store.cache_key(sd.name, config, inputs)
         ctx.keys[sd.name] = key
-        forced = forced_from is not None and i >= forced_from
-        if only is not None and sd.name != only:
-            if not store.is_current(sd.name, key):
-                raise PipelineError(f"--only {only} needs stage '{sd.name}' up to date, and it is not",
-                                    hint="run without --only first")
-            ctx.metrics[sd.name] = store.record(sd.name)["metrics"]
-            summary[sd.name] = {"status": "reused", **_brief(store.record(sd.name))}
-            if STAGE_NAMES.index(only) < i:
-                break
-            continue
-        if store.is_current(sd.name, key) and not forced:
+        if only is not None and sd.name != only and not store.is_current(sd.name, key):
+            raise PipelineError(f"--only {only} needs stage '{sd.name}' up to date, and it is not",
+                                hint="run without --only first")
+        # Under torchrun, rank 0 runs every stage but distill alone; the others wait for it, then read.
+        follower = ddp and not distributed.is_main() and sd.name != "distill"
+        if follower:
+            distributed.barrier()
+        rerun = (only == sd.name) or (forced_from is not None and i >= forced_from and only is None)
+        if follower or (store.is_current(sd.name, key) and not rerun):
             rec = store.record(sd.name)
-            ctx.metrics[sd.name] = rec["metrics"]
-            summary[sd.name] = {"status": "reused", **_brief(rec)}
-            progress.note(f"stage {sd.name}: reused (unchanged, {store.folder_name(sd.name)})")
-            if sd.name == until:
-                break
-            continue
-        progress.note(f"stage {sd.name}: running")
-        started = time.time()
-        stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
-        try:
-            with store.writing(sd.name) as tmp:
-                metrics = stage_mod.run(ctx, tmp)
-                rec = {"stage": sd.name, "key": key, "config": config, "inputs": inputs,
-                       "seconds": round(time.time() - started, 3), "metrics": metrics}
-                (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
-        except PipelineError:
-            store.write_run_json(recipe_doc, str(recipe_path), "failed")
-            raise
-        ctx.metrics[sd.name] = metrics
-        summary[sd.name] = {"status": "ran", **_brief(rec)}
-        progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")
-        if sd.name == until:
+            if not follower:
+                progress.note(f"stage {sd.name}: reused (unchanged, {store.folder_name(sd.name)})")
+            status = "reused"
+        else:
+            rec = _run_stage(ctx, sd, key, config, inputs, ddp, recipe_doc)
+            status = "ran"
+        if ddp and distributed.is_main() and sd.name != "distill":
+            distributed.barrier()
+        ctx.metrics[sd.name] = rec["metrics"]
+        summary[sd.name] = {"status": status, **_brief(rec)}
+        if sd.name in (until, only):
             break
 
     failed = sorted({t for m in ctx.metrics.values() for t in m.get("failed_targets", [])})
+    if ddp and not distributed.is_main():
+        return RunSummary(store.dir, summary, {}, failed)
     doc = store.write_run_json(recipe_doc, str(recipe_path), "failed-targets" if failed else "ok",
                                {"failed_targets": failed})
     return RunSummary(store.dir, summary, doc, failed)
+
+
+def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, ddp: bool,
+               recipe_doc: dict) -> dict:
+    progress.note(f"stage {sd.name}: running")
+    started = time.time()
+    stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
+    try:
+        with _stage_folder(ctx.store, sd.name, ddp) as tmp:
+            metrics = stage_mod.run(ctx, tmp)
+            rec = {"stage": sd.name, "key": key, "config": config, "inputs": inputs,
+                   "seconds": round(time.time() - started, 3), "metrics": metrics}
+            (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
+    except PipelineError:
+        if not ddp or distributed.is_main():
+            ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "failed")
+        raise
+    if ddp:  # the other ranks read the folder only after rank 0 has renamed it into place
+        distributed.barrier()
+    progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")
+    return rec
+
+
+def _join_torchrun(recipe: Recipe) -> bool:
+    """Under torchrun (WORLD_SIZE > 1) join the process group before any stage runs."""
+    if distributed.world_size() <= 1:
+        return False
+    from edge_pipeline.stages.distill import pick_device
+
+    distributed.init(pick_device(recipe.distill.device, "distill.device"))
+    return True
+
+
+@contextmanager
+def _stage_folder(store: RunStore, stage: str, ddp: bool) -> Iterator[Path]:
+    """The store's atomic stage folder; a DDP rank other than 0 writes into a throwaway folder instead."""
+    if ddp and not distributed.is_main():
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+    else:
+        with store.writing(stage) as tmp:
+            yield tmp
 
 
 def _brief(rec: dict) -> dict:

@@ -6,9 +6,10 @@ Library code never prints. It calls ``with progress.task("training", total=n) as
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Iterator, Protocol
+from typing import Protocol
 
 
 class Sink(Protocol):

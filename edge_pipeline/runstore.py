@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 RUN_SCHEMA = 1
 TOOLCHAIN = ("torch", "torchao", "executorch", "onnx", "onnxruntime", "onnxscript", "litert-torch",

@@ -20,8 +20,15 @@ from edge_pipeline.sources.data import DATA_ZOO, Split, Splits, load_image_folde
 # Names only, so that validating a recipe does not import torch (zoo.MODEL_ZOO holds the classes).
 ZOO_MODELS = ("digits-cnn", "mobilenetv2-tiny", "resnet-tiny")
 
-__all__ = ["Split", "Splits", "build_model", "load_data", "check_model_source", "check_data_source",
-           "is_zoo"]
+__all__ = [
+    "Split",
+    "Splits",
+    "build_model",
+    "check_data_source",
+    "check_model_source",
+    "is_zoo",
+    "load_data",
+]
 
 
 def is_zoo(source: str) -> bool:

@@ -1,0 +1,253 @@
+"""Stage 1: structured pruning with torch-pruning's dependency graph, so tensors really shrink.
+
+Residual adds, concatenations, depthwise convs and batch norms are kept consistent by the graph. A target is
+a channel ratio or a budget (``max_macs``/``max_params``: a fraction of the teacher when <= 1, else absolute),
+reached over ``iterative_steps`` with a short fine-tune after each. Unstructured and 2:4 sparsity are options
+that zero weights in place: they shrink nothing on the CPU runtimes unless the file is compressed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from edge_pipeline import progress
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.modelio import load_model, save_model
+from edge_pipeline.modelstats import model_stats
+from edge_pipeline.recipe import PruneConfig
+from edge_pipeline.sources import Splits
+from edge_pipeline.training import accuracy, fit, seed_everything
+
+SEARCH_RESOLUTION = 100  # a budget is searched in this many small pruning steps
+SCAN_TOLERANCE = 0.02  # sensitivity scan: a layer's cap is the largest ratio costing at most this much accuracy
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    model: nn.Module
+    params: tuple[int, int]
+    macs: tuple[int, int]
+    val_accuracy: dict[str, float]  # before, pruned, finetuned
+    sensitivity: dict[str, dict[str, float]] | None
+    sparsity: float | None  # fraction of zero weights, for unstructured/2:4
+
+
+def _head_layers(model: nn.Module) -> list[nn.Module]:
+    """The output head: the last Linear/Conv layer (its output is the model's output)."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return layers[-1:] if layers else []
+
+
+def resolve_ignored(model: nn.Module, cfg: PruneConfig, where: str) -> list[nn.Module]:
+    modules = dict(model.named_modules())
+    ignored = _head_layers(model)
+    for i, name in enumerate(cfg.ignore):
+        if name not in modules or not name:
+            close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
+            raise PipelineError(f"layer '{name}' in prune.ignore does not exist", where=f"{where}: prune.ignore[{i}]",
+                                hint=f"layers with a similar name: {', '.join(close)}" if close else
+                                "see the layer names with print(model)")
+        ignored.append(modules[name])
+    type_names = {type(m).__name__ for m in modules.values()}
+    for i, tname in enumerate(cfg.ignore_types):
+        if tname not in type_names:
+            raise PipelineError(f"no layer of type '{tname}' in the model", where=f"{where}: prune.ignore_types[{i}]",
+                                hint=f"types in the model: {', '.join(sorted(type_names))}")
+        ignored += [m for m in modules.values() if type(m).__name__ == tname]
+    return ignored
+
+
+def _importance(name: str):
+    return {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+            "bn_scale": tp.importance.BNScaleImportance,
+            "taylor": tp.importance.GroupTaylorImportance}[name]()
+
+
+def _taylor_grads(model: nn.Module, data: Splits, batches: int = 4, batch_size: int = 64) -> None:
+    """First-order Taylor importance needs gradients of the loss on a few labelled batches."""
+    model.zero_grad()
+    model.eval()
+    for i in range(batches):
+        x = torch.from_numpy(data.train.x[i * batch_size:(i + 1) * batch_size])
+        y = torch.from_numpy(data.train.y[i * batch_size:(i + 1) * batch_size])
+        nn.functional.cross_entropy(model(x), y).backward()
+
+
+def _budget(cfg: PruneConfig, base: dict[str, int]) -> tuple[str, float] | None:
+    for key, stat in (("max_macs", "macs"), ("max_params", "params")):
+        v = getattr(cfg, key)
+        if v is not None:
+            return stat, v * base[stat] if v <= 1 else v
+    return None
+
+
+def sensitivity_scan(model: nn.Module, data: Splits, cfg: PruneConfig, ignored: list[nn.Module],
+                     example: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Prune each prunable layer alone at each scan ratio (no fine-tune) and measure validation accuracy."""
+    base_acc = accuracy(model, data.val)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {m: n for n, m in model.named_modules()}
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ignored
+              and not (isinstance(m, nn.Conv2d) and m.groups > 1)]
+    scan: dict[str, dict[str, float]] = {}
+    with progress.task("sensitivity scan", total=len(layers) * len(cfg.scan_ratios)) as t:
+        for layer in layers:
+            name = names[layer]
+            scan[name] = {}
+            for r in cfg.scan_ratios:
+                trial = _clone(model, state)
+                tmods = dict(trial.named_modules())
+                others = [tmods[names[m]] for m in model.modules()
+                          if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not layer]
+                pruner = tp.pruner.BasePruner(trial, example, importance=_importance("l2"), pruning_ratio=r,
+                                              ignored_layers=others, round_to=None)
+                pruner.step()
+                scan[name][str(r)] = base_acc - accuracy(trial, data.val)
+                t.advance()
+    return scan
+
+
+def _clone(model: nn.Module, state: dict) -> nn.Module:
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(state)
+    return m.eval()
+
+
+def _caps_from_scan(model: nn.Module, scan: dict, cfg: PruneConfig) -> dict[nn.Module, float]:
+    modules = dict(model.named_modules())
+    caps = {}
+    for name, drops in scan.items():
+        ok = [float(r) for r, d in drops.items() if d <= SCAN_TOLERANCE]
+        caps[modules[name]] = min(cfg.max_layer_ratio, max(ok) if ok else min(float(r) for r in drops) / 2)
+    return caps
+
+
+def prune(model: nn.Module, data: Splits, cfg: PruneConfig, where: str = "recipe") -> PruneResult:
+    seed_everything(cfg.seed)
+    example = torch.from_numpy(data.train.x[:1])
+    base = model_stats(model, data.input_shape)
+    acc_before = accuracy(model, data.val)
+    ignored = resolve_ignored(model, cfg, where)
+    if cfg.method != "structured":
+        return _sparsify(model, data, cfg, ignored, base, acc_before)
+
+    budget = _budget(cfg, base)
+    if budget is None and cfg.ratio is None:
+        raise PipelineError("prune needs a target: ratio, max_macs or max_params", where=f"{where}: prune")
+    if budget is not None and cfg.ratio is not None:
+        raise PipelineError("give either prune.ratio or a budget (max_macs/max_params), not both",
+                            where=f"{where}: prune")
+    if cfg.importance == "taylor" and data.train.y is None:
+        raise PipelineError("Taylor importance needs labels", where=f"{where}: prune.importance",
+                            hint="use l1, l2 or bn_scale for unlabeled data")
+
+    scan = sensitivity_scan(model, data, cfg, ignored, example) if cfg.sensitivity_scan else None
+    ratio_dict = _caps_from_scan(model, scan, cfg) if scan else None
+    steps = cfg.iterative_steps if budget is None else SEARCH_RESOLUTION
+    pruner = tp.pruner.BasePruner(
+        model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
+        pruning_ratio=cfg.ratio if budget is None else cfg.max_layer_ratio, pruning_ratio_dict=ratio_dict,
+        max_pruning_ratio=cfg.max_layer_ratio, iterative_steps=steps, ignored_layers=ignored, round_to=None,
+    )
+    # Budget: step in small increments; fine-tune each time the next of `iterative_steps` milestones is passed.
+    milestones = ([] if budget is None else
+                  [base[budget[0]] * (budget[1] / base[budget[0]]) ** ((i + 1) / cfg.iterative_steps)
+                   for i in range(cfg.iterative_steps)])
+    acc_pruned = None
+    with progress.task("pruning", total=steps) as t:
+        for _ in range(steps):
+            if cfg.importance == "taylor":
+                _taylor_grads(model, data)
+            pruner.step()
+            t.advance()
+            stats = model_stats(model, data.input_shape)
+            if budget is None:
+                reached_milestone = True
+            else:
+                reached_milestone = bool(milestones) and stats[budget[0]] <= milestones[0]
+                while milestones and stats[budget[0]] <= milestones[0]:
+                    milestones.pop(0)
+            if reached_milestone:
+                acc_pruned = accuracy(model, data.val)
+                if cfg.finetune_epochs and data.train.y is not None:
+                    fit(model, data.train, cfg.finetune_epochs, cfg.lr, seed=cfg.seed, description="fine-tuning")
+            if budget is not None and not milestones:
+                break
+    model.zero_grad(set_to_none=True)
+    after = model_stats(model, data.input_shape)
+    if budget is not None and after[budget[0]] > budget[1]:
+        raise PipelineError(
+            f"prune budget cannot be met: {budget[0]} {after[budget[0]]} > {int(budget[1])} with every layer "
+            f"pruned to its cap ({cfg.max_layer_ratio:.0%}) and {len(ignored)} layer(s) kept whole",
+            where=f"{where}: prune.max_{budget[0]}", hint="raise the budget, raise max_layer_ratio or ignore fewer layers")
+    return PruneResult(model.eval(), (base["params"], after["params"]), (base["macs"], after["macs"]),
+                       {"before": acc_before, "pruned": acc_pruned, "finetuned": accuracy(model, data.val)},
+                       scan, None)
+
+
+def _sparsify(model, data, cfg, ignored, base, acc_before) -> PruneResult:
+    """Zero weights in place: unstructured magnitude (global) or 2:4 along the input dimension."""
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ignored]
+    masks = []
+    with torch.no_grad():
+        if cfg.method == "unstructured":
+            ratio = cfg.ratio or 0.5
+            flat = torch.cat([w.abs().flatten() for w in weights])
+            thresh = flat.kthvalue(max(1, int(ratio * flat.numel()))).values
+            masks = [(w.abs() > thresh).float() for w in weights]
+        else:  # 2:4: in each group of 4 consecutive input weights keep the 2 largest
+            for w in weights:
+                flat = w.reshape(w.shape[0], -1)
+                if flat.shape[1] % 4:
+                    masks.append(torch.ones_like(w))
+                    continue
+                groups = flat.abs().reshape(flat.shape[0], -1, 4)
+                keep = groups.argsort(dim=-1, descending=True)[..., :2]
+                m = torch.zeros_like(groups).scatter_(-1, keep, 1.0)
+                masks.append(m.reshape(w.shape))
+        for w, m in zip(weights, masks):
+            w.mul_(m)
+    acc_pruned = accuracy(model, data.val)
+    hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in zip(weights, masks)]
+    if cfg.finetune_epochs and data.train.y is not None:
+        fit(model, data.train, cfg.finetune_epochs, cfg.lr, seed=cfg.seed, description="fine-tuning (masked)")
+    for h in hooks:
+        h.remove()
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    after = model_stats(model, data.input_shape)
+    return PruneResult(model.eval(), (base["params"], after["params"]), (base["macs"], after["macs"]),
+                       {"before": acc_before, "pruned": acc_pruned, "finetuned": accuracy(model, data.val)},
+                       None, float(zeros))
+
+
+def run(ctx, out: Path) -> dict:
+    teacher, arch = load_model(ctx.stage_dir("teacher") / "model.pt")
+    res = prune(teacher, ctx.data, ctx.recipe.prune, where=ctx.recipe_path)
+    save_model(res.model, arch, out / "model.pt")
+    if res.sensitivity:
+        (out / "sensitivity.json").write_text(json.dumps(res.sensitivity, indent=1))
+    metrics = {
+        "method": ctx.recipe.prune.method,
+        "params_before": res.params[0], "params_after": res.params[1],
+        "macs_before": res.macs[0], "macs_after": res.macs[1],
+        "macs_fraction": res.macs[1] / res.macs[0], "params_fraction": res.params[1] / res.params[0],
+        "state_bytes": model_stats(res.model, ctx.data.input_shape)["state_bytes"],
+        "val_accuracy_before": res.val_accuracy["before"], "val_accuracy_pruned": res.val_accuracy["pruned"],
+        "val_accuracy_finetuned": res.val_accuracy["finetuned"],
+    }
+    if res.sparsity is not None:
+        metrics["weight_sparsity"] = res.sparsity
+        metrics["note"] = ("unstructured/2:4 sparsity zeroes weights but keeps tensor shapes: it shrinks nothing "
+                           "on the CPU runtimes unless the file is compressed")
+    return metrics
+
