@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import os
 import sys
 from importlib import metadata
 
@@ -98,13 +100,28 @@ def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """Runtimes and converters log to file descriptor 1; with --json stdout must carry the JSON alone."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _run_command(recipe, out_dir, run_id, from_stage, only, force, as_json, until=None):
     from edge_pipeline import pipeline
 
-    summary = _with_progress(lambda: pipeline.run(recipe, out=out_dir, run_id=run_id, from_stage=from_stage,
-                                                  only=only, force=force, until=until))
+    with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+        summary = _with_progress(lambda: pipeline.run(recipe, out=out_dir, run_id=run_id, from_stage=from_stage,
+                                                      only=only, force=force, until=until))
     if as_json:
-        out.print_json(json.dumps(summary.run_json, default=str))
+        print(json.dumps(summary.run_json, indent=1, default=str))
     _print_summary(summary)
     sys.exit(summary.exit_code)
 

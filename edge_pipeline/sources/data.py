@@ -58,7 +58,9 @@ def split_arrays(x: np.ndarray, y: np.ndarray | None, classes: list[str] | None,
     """Seeded stratified train/val/test split (60/20/20 by default)."""
     from sklearn.model_selection import train_test_split
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    # A fresh C-order copy: a view such as images[:, None] has odd strides on its size-1 axis, which
+    # torch.export reads as a channels-last dim order (ExecuTorch then rejects standard-layout inputs).
+    x = np.array(x, dtype=np.float32, order="C", copy=True)
     idx = np.arange(len(x))
     strat = y if y is not None else None
     test_frac = 1.0 - fractions[0] - fractions[1]

@@ -1,0 +1,75 @@
+"""ExecuTorch: torch.export -> PT2E (XNNPACKQuantizer) -> to_edge_transform_and_lower(XnnpackPartitioner) -> .pte"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_pipeline.backends import pt2e
+from edge_pipeline.targets import Profile
+
+SUFFIX = ".pte"
+RUNTIME = "executorch.runtime"
+
+
+def _quantizer(profile: Profile, float_layers, default: bool = False):
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel)
+    q = XNNPACKQuantizer().set_global(base if default else pt2e.configure(base, profile))
+    for name in float_layers:
+        q.set_module_name(name, None)  # keep this layer in float
+    return q
+
+
+def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, profile: Profile, out_dir: Path,
+           float_layers=(), default_flow: bool = False) -> Path:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    model = model.eval()
+    if profile.precision == "int8":
+        model = pt2e.quantize(model, example, calibration, _quantizer(profile, float_layers, default_flow))
+    ep = torch.export.export(model, (example,))
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    graph = edge.exported_program().graph
+    ops = Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
+    delegated = sum(c for op, c in ops.items() if "executorch_call_delegate" in op)
+    portable = {op: c for op, c in ops.items() if "executorch_call_delegate" not in op and "getitem" not in op}
+    prog = edge.to_executorch()
+    path = out_dir / f"model{SUFFIX}"
+    path.write_bytes(prog.buffer)
+    _write_bundled(prog, example, model, out_dir)
+    info = {"backend": "executorch", "delegate": "XnnpackBackend", "delegated_subgraphs": delegated,
+            "portable_ops": portable, "float_layers": list(float_layers),
+            "inputs": [{"name": "x", "shape": list(example.shape), "dtype": "float32"}],
+            "outputs": [{"name": "logits", "dtype": "float32"}],
+            "quantized_io": None}
+    (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
+    return path
+
+
+def _write_bundled(prog, example: torch.Tensor, model, out_dir: Path) -> None:
+    """A BundledProgram (.bpte): the program plus golden inputs and expected outputs for executor_runner."""
+    from executorch.devtools import BundledProgram
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    with torch.no_grad():
+        expected = model(example)
+    suite = MethodTestSuite(method_name="forward",
+                            test_cases=[MethodTestCase(inputs=[example], expected_outputs=[expected])])
+    bundled = BundledProgram(prog, [suite])
+    (out_dir / "model.bpte").write_bytes(serialize_from_bundled_program_to_flatbuffer(bundled))
+
+
+def describe(path: Path) -> dict:
+    return json.loads((Path(path).parent / "describe.json").read_text())

@@ -1,0 +1,140 @@
+"""ONNX Runtime mobile: torch.onnx.export(dynamo=True) -> quant_pre_process -> quantize_static (QDQ) -> .ort"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.targets import Profile
+
+SUFFIX = ".ort"
+RUNTIME = "onnxruntime"
+INPUT, OUTPUT = "input", "logits"
+ORT_METHODS = {"minmax": "MinMax", "moving_average": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
+
+
+def _reader(calibration: np.ndarray):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._it = iter([{INPUT: calibration[i:i + 1]} for i in range(len(calibration))])
+
+        def get_next(self):
+            return next(self._it, None)
+
+    return Reader()
+
+
+def _float_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    prog = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
+                             verbose=False)
+    prog.save(str(path), external_data=False)
+
+
+def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, profile: Profile, out_dir: Path,
+           float_layers=(), default_flow: bool = False) -> Path:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    build = out_dir / "build"
+    build.mkdir()
+    _float_onnx(model, example, build / "float.onnx")
+    final = out_dir / "model.onnx"
+    if profile.precision == "int8":
+        quant_pre_process(str(build / "float.onnx"), str(build / "pre.onnx"))
+        q = profile.quantization
+        if default_flow:  # quantize_static's own defaults (QDQ, per-tensor, MinMax, QUInt8 activations)
+            kwargs = {}
+        else:
+            if q.method not in ORT_METHODS:
+                raise PipelineError(f"calibration method '{q.method}' is not available for backend 'onnxruntime'",
+                                    where="target profile: quantization.method",
+                                    hint=f"onnxruntime supports: {', '.join(ORT_METHODS)}")
+            extra = {"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True}
+            if q.method == "moving_average":
+                extra["CalibMovingAverage"] = True
+            if q.method == "percentile":
+                extra["CalibPercentile"] = q.percentile
+            kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                          calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]), extra_options=extra,
+                          nodes_to_exclude=_onnx_nodes_for(build / "pre.onnx", float_layers))
+        quantize_static(str(build / "pre.onnx"), str(final), _reader(calibration), quant_format=QuantFormat.QDQ,
+                        **kwargs)
+    else:
+        shutil.copy(build / "float.onnx", final)
+    _to_ort(final, out_dir, profile.platform)
+    _write_test_data(final, example, out_dir)
+    usability = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability",
+                                str(final)], capture_output=True, text=True)
+    (out_dir / "mobile_usability.txt").write_text(usability.stdout + usability.stderr)
+    shutil.rmtree(build)
+    (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers), indent=1))
+    return out_dir / f"model{SUFFIX}"
+
+
+def _onnx_nodes_for(path: Path, layers) -> list[str]:
+    """ONNX node names that come from the given torch module names (the dynamo exporter keeps them)."""
+    if not layers:
+        return []
+    import onnx
+
+    nodes = onnx.load(str(path)).graph.node
+    out = []
+    for n in nodes:
+        scope = " ".join(p.value for p in n.metadata_props if "stack" in p.key or "scope" in p.key) + " " + n.name
+        if any(layer.replace(".", "_") in scope.replace(".", "_") for layer in layers):
+            out.append(n.name)
+    return out
+
+
+def _to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
+    """ORT format (Fixed style, layouts for the target platform) plus required_operators.config."""
+    res = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path),
+                          "--output_dir", str(out_dir), "--optimization_style", "Fixed",
+                          "--target_platform", platform], capture_output=True, text=True)
+    if res.returncode != 0 or not (out_dir / "model.ort").is_file():
+        raise PipelineError(f"ORT format conversion failed: {res.stderr.strip()[-600:]}", where=str(onnx_path))
+    for cfg in out_dir.glob("*required_operators*.config"):
+        cfg.rename(out_dir / "required_operators.config")
+
+
+def _write_test_data(onnx_path: Path, example: torch.Tensor, out_dir: Path) -> None:
+    """test_data_set_0/input_0.pb and output_0.pb, as onnx_test_runner and onnxruntime_perf_test read them."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    x = example.numpy()
+    y = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {INPUT: x})[0]
+    d = out_dir / "test_data_set_0"
+    d.mkdir()
+    (d / "input_0.pb").write_bytes(numpy_helper.from_array(x, INPUT).SerializeToString())
+    (d / "output_0.pb").write_bytes(numpy_helper.from_array(y, OUTPUT).SerializeToString())
+
+
+def _describe(onnx_path: Path, out_dir: Path, float_layers) -> dict:
+    import onnx
+
+    m = onnx.load(str(onnx_path))
+    ops: dict[str, int] = {}
+    for n in m.graph.node:
+        ops[n.op_type] = ops.get(n.op_type, 0) + 1
+    io = lambda vs: [{"name": v.name, "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
+                      "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)} for v in vs]
+    req = out_dir / "required_operators.config"
+    return {"backend": "onnxruntime", "format": "ORT (Fixed)", "ops": ops, "inputs": io(m.graph.input),
+            "outputs": io(m.graph.output), "float_layers": list(float_layers),
+            "required_operators": req.read_text().splitlines() if req.is_file() else None,
+            "quantized_io": None}
+
+
+def describe(path: Path) -> dict:
+    return json.loads((Path(path).parent / "describe.json").read_text())

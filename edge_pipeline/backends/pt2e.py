@@ -1,0 +1,53 @@
+"""What ExecuTorch and TFLite share: PT2E static int8 with a calibration method chosen per profile."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import nn
+
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.targets import Profile
+
+PT2E_METHODS = ("minmax", "moving_average", "histogram")
+
+
+def activation_observer(method: str, backend: str):
+    from torchao.quantization.pt2e import observer as obs
+
+    table = {"minmax": obs.MinMaxObserver, "moving_average": obs.MovingAverageMinMaxObserver,
+             "histogram": obs.HistogramObserver}
+    if method not in table:
+        raise PipelineError(f"calibration method '{method}' is not available for backend '{backend}'",
+                            where="target profile: quantization.method",
+                            hint=f"{backend} (PT2E observers) supports: {', '.join(PT2E_METHODS)}")
+    return table[method].with_args(eps=2 ** -12)
+
+
+def configure(base_config, profile: Profile):
+    """The backend quantizer's own config with the profile's activation observer and symmetry swapped in."""
+    act = base_config.input_activation
+    act = dataclasses.replace(
+        act, observer_or_fake_quant_ctr=activation_observer(profile.quantization.method, profile.backend),
+        qscheme=torch.per_tensor_symmetric if profile.quantization.symmetric_activations else torch.per_tensor_affine)
+    return dataclasses.replace(base_config, input_activation=act, output_activation=act)
+
+
+def quantize(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, quantizer,
+             fold_quantize: bool = True) -> torch.fx.GraphModule:
+    """torch.export -> prepare_pt2e -> run the representative set -> convert_pt2e."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    gm = torch.export.export(model.eval(), (example,)).module()
+    gm = prepare_pt2e(gm, quantizer)
+    with torch.no_grad():
+        for i in range(len(calibration)):
+            gm(torch.from_numpy(calibration[i:i + 1]))
+    return convert_pt2e(gm, fold_quantize=fold_quantize)
+
+
+def module_names_in(model: nn.Module, names) -> list[str]:
+    mods = dict(model.named_modules())
+    return [n for n in names if n in mods]
