@@ -140,7 +140,8 @@ def latency_stats(times_ms: list[float]) -> dict:
             "unstable": cv > UNSTABLE_CV, "runs": len(t)}
 
 
-def measure(model_path: str, x: np.ndarray, threads: int = 1, runs: int = 50, warmup: int = 5) -> tuple[dict, np.ndarray]:
+def measure(model_path: str, x: np.ndarray, threads: int = 1, runs: int = 50,
+            warmup: int = 5) -> tuple[dict, np.ndarray]:
     t0 = time.perf_counter()
     model = Model(model_path, threads)
     init_ms = (time.perf_counter() - t0) * 1e3

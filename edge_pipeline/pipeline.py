@@ -143,7 +143,7 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
         else:
             rec = _run_stage(ctx, sd, key, config, inputs, ddp, recipe_doc)
             status = "ran"
-        if ddp and distributed.is_main() and sd.name != "distill":
+        if ddp and not follower:  # one barrier per stage on every rank: followers read after rank 0 renamed
             distributed.barrier()
         ctx.metrics[sd.name] = rec["metrics"]
         summary[sd.name] = {"status": status, **_brief(rec)}
@@ -173,8 +173,6 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
         if not ddp or distributed.is_main():
             ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "failed")
         raise
-    if ddp:  # the other ranks read the folder only after rank 0 has renamed it into place
-        distributed.barrier()
     progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")
     return rec
 

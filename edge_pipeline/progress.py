@@ -33,7 +33,7 @@ class _Silent:
         pass
 
 
-_sink: ContextVar[Sink] = ContextVar("edge_pipeline_progress", default=_Silent())
+_sink: ContextVar[Sink] = ContextVar("edge_pipeline_progress", default=_Silent())  # noqa: B039 (stateless)
 
 
 class Task:

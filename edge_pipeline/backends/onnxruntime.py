@@ -127,8 +127,9 @@ def _describe(onnx_path: Path, out_dir: Path, float_layers) -> dict:
     ops: dict[str, int] = {}
     for n in m.graph.node:
         ops[n.op_type] = ops.get(n.op_type, 0) + 1
-    io = lambda vs: [{"name": v.name, "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
-                      "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)} for v in vs]
+    def io(vs):
+        return [{"name": v.name, "shape": [d.dim_value for d in v.type.tensor_type.shape.dim],
+                          "elem_type": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)} for v in vs]
     req = out_dir / "required_operators.config"
     return {"backend": "onnxruntime", "format": "ORT (Fixed)", "ops": ops, "inputs": io(m.graph.input),
             "outputs": io(m.graph.output), "float_layers": list(float_layers),

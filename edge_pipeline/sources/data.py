@@ -68,7 +68,8 @@ def split_arrays(x: np.ndarray, y: np.ndarray | None, classes: list[str] | None,
     val_rel = fractions[1] / (fractions[0] + fractions[1])
     train, val = train_test_split(rest, test_size=val_rel, random_state=seed,
                                   stratify=None if y is None else y[rest])
-    pick = lambda ids: Split(x[np.sort(ids)], None if y is None else y[np.sort(ids)].astype(np.int64))
+    def pick(ids):
+        return Split(x[np.sort(ids)], None if y is None else y[np.sort(ids)].astype(np.int64))
     return Splits(pick(train), pick(val), pick(test), classes, source)
 
 
@@ -99,8 +100,9 @@ def load_npz(path: Path) -> Splits:
         keys = set(z.files)
         classes = [str(c) for c in z["classes"]] if "classes" in keys else None
         if {"x_train", "x_val", "x_test"} <= keys:
-            get = lambda s: Split(z[f"x_{s}"].astype(np.float32),
-                                  z[f"y_{s}"].astype(np.int64) if f"y_{s}" in keys else None)
+            def get(s):
+                return Split(z[f"x_{s}"].astype(np.float32),
+                                              z[f"y_{s}"].astype(np.int64) if f"y_{s}" in keys else None)
             return Splits(get("train"), get("val"), get("test"), classes, str(path))
         if "x" not in keys:
             raise PipelineError(f"{path} has no array 'x' (found: {', '.join(sorted(keys))})",

@@ -48,7 +48,8 @@ class TinyMobileNetV2(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0):
         super().__init__()
-        c = lambda n: max(8, int(n * width))
+        def c(n):
+            return max(8, int(n * width))
         self.stem = _conv_bn(in_channels, c(16))
         self.blocks = nn.Sequential(
             InvertedResidual(c(16), c(16), 1, 4), InvertedResidual(c(16), c(24), 2, 4),
@@ -85,7 +86,8 @@ class TinyResNet(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, width: float = 1.0):
         super().__init__()
-        c = lambda n: max(8, int(n * width))
+        def c(n):
+            return max(8, int(n * width))
         self.stem = _conv_bn(in_channels, c(32))
         self.layer1 = nn.Sequential(BasicBlock(c(32), c(32), 1), BasicBlock(c(32), c(32), 1))
         self.layer2 = nn.Sequential(BasicBlock(c(32), c(64), 2), BasicBlock(c(64), c(64), 1))

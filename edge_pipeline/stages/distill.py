@@ -157,7 +157,8 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
         sched.load_state_dict(ck["sched"])
         if hints:
             hints.proj.load_state_dict(ck["hints"])
-        curves, best_acc, start, stale = json.loads(ck["curves"]), float(ck["best_acc"]), int(ck["epoch"]), int(ck["stale"])
+        curves, best_acc = json.loads(ck["curves"]), float(ck["best_acc"])
+        start, stale = int(ck["epoch"]), int(ck["stale"])
         best = ck["best"]
         progress.note(f"distill: resumed after epoch {start}")
 
@@ -184,7 +185,7 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             s_val = predict(student, data.val.x, device=device)
             point = {"epoch": epoch + 1, "train_loss": total / len(perm),
                      "val_agreement": agreement(s_val, t_val)["top1_agreement"]}

@@ -189,7 +189,8 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, where: str = "recipe
         raise PipelineError(
             f"prune budget cannot be met: {budget[0]} {after[budget[0]]} > {int(budget[1])} with every layer "
             f"pruned to its cap ({cfg.max_layer_ratio:.0%}) and {len(ignored)} layer(s) kept whole",
-            where=f"{where}: prune.max_{budget[0]}", hint="raise the budget, raise max_layer_ratio or ignore fewer layers")
+            where=f"{where}: prune.max_{budget[0]}",
+            hint="raise the budget, raise max_layer_ratio or ignore fewer layers")
     return PruneResult(model.eval(), (base["params"], after["params"]), (base["macs"], after["macs"]),
                        {"before": acc_before, "pruned": acc_pruned, "finetuned": accuracy(model, data.val)},
                        scan, None)
@@ -215,10 +216,10 @@ def _sparsify(model, data, cfg, ignored, base, acc_before) -> PruneResult:
                 keep = groups.argsort(dim=-1, descending=True)[..., :2]
                 m = torch.zeros_like(groups).scatter_(-1, keep, 1.0)
                 masks.append(m.reshape(w.shape))
-        for w, m in zip(weights, masks):
+        for w, m in zip(weights, masks, strict=False):
             w.mul_(m)
     acc_pruned = accuracy(model, data.val)
-    hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in zip(weights, masks)]
+    hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in zip(weights, masks, strict=False)]
     if cfg.finetune_epochs and data.train.y is not None:
         fit(model, data.train, cfg.finetune_epochs, cfg.lr, seed=cfg.seed, description="fine-tuning (masked)")
     for h in hooks:

@@ -1,0 +1,58 @@
+"""A broken recipe fails before any work, naming the file, the key and what was expected."""
+
+import pytest
+import yaml
+
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.recipe import load_recipe
+from tests.conftest import run_cli
+
+
+def test_default_recipe_is_valid():
+    r = load_recipe("recipes/digits.yaml")
+    assert r.name == "digits" and len(r.targets) == 6
+
+
+@pytest.mark.parametrize("overrides, message, key", [
+    ({"modle": "zoo:digits-cnn"}, "unknown key 'modle'", "modle"),
+    ({"prune": {"ratoi": 0.5}}, "unknown key 'ratoi'", "prune.ratoi"),
+    ({"train": {"epochs": "many"}}, "invalid value 'many'", "train.epochs"),
+    ({"model": "zoo:nope"}, "no model 'nope' in the zoo", "model"),
+    ({"data": "missing/data.npz"}, "data file or folder not found", "data"),
+    ({"targets": ["no-such-target"]}, "unknown target profile 'no-such-target'", "targets[0]"),
+    ({"devices": ["ftp://x"]}, "unknown device 'ftp://x'", "devices[0]"),
+    ({"model": "no_such_pkg.models:build"}, "cannot import module 'no_such_pkg.models'", "model"),
+])
+def test_bad_recipe_names_file_key_and_problem(write_recipe, overrides, message, key):
+    path = write_recipe(**overrides)
+    with pytest.raises(PipelineError) as e:
+        load_recipe(path)
+    assert message in str(e.value)
+    assert str(path) in e.value.where and key in e.value.where
+
+
+def test_unknown_key_suggests_the_close_one(write_recipe):
+    with pytest.raises(PipelineError) as e:
+        load_recipe(write_recipe(prune={"max_mac": 0.5}))
+    assert "max_macs" in e.value.hint
+
+
+def test_missing_required_key(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({"name": "x", "data": "zoo:digits"}))
+    with pytest.raises(PipelineError, match="missing required key 'model'"):
+        load_recipe(p)
+
+
+def test_cli_broken_recipe_exits_2_without_traceback_or_run_folder(write_recipe, tmp_path):
+    path = write_recipe(model="zoo:nope")
+    res = run_cli("run", path)
+    assert res.returncode == 2
+    assert "no model 'nope' in the zoo" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_cli_help_and_version():
+    assert run_cli("--version").stdout.startswith("edge-pipeline, version")
+    for cmd in ("run", "prune", "distill", "calibrate", "lower", "targets", "doctor"):
+        assert run_cli(cmd, "--help").returncode == 0

@@ -1,0 +1,60 @@
+"""Stage folders are complete or absent; unchanged stages are reused; a killed run resumes."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from edge_pipeline.pipeline import run
+from tests.conftest import CLI, ROOT
+
+
+def test_rerun_reuses_and_config_change_reruns_only_downstream(write_recipe, tmp_path):
+    path = write_recipe(prune={"ratio": 0.3, "iterative_steps": 1, "finetune_epochs": 0})
+    first = run(path)
+    assert first.stages["teacher"]["status"] == "ran" and first.stages["prune"]["status"] == "ran"
+    again = run(path)
+    assert again.stages["teacher"]["status"] == "reused" and again.stages["prune"]["status"] == "reused"
+    changed = write_recipe(prune={"ratio": 0.4, "iterative_steps": 1, "finetune_epochs": 0})
+    third = run(changed)
+    assert third.stages["teacher"]["status"] == "reused" and third.stages["prune"]["status"] == "ran"
+    doc = json.loads((third.run_dir / "run.json").read_text())
+    assert doc["stages"]["prune"]["config"]["ratio"] == 0.4
+    assert doc["stages"]["prune"]["inputs"]["teacher"] == doc["stages"]["teacher"]["key"]
+    assert doc["toolchain"]["torch"].startswith("2.13.0")
+
+
+def test_sigkill_mid_run_leaves_no_partial_stage_and_resumes(write_recipe, tmp_path):
+    # Distillation is long enough to be killed in the middle of.
+    path = write_recipe(prune={"ratio": 0.3, "iterative_steps": 1, "finetune_epochs": 0},
+                        distill={"epochs": 40, "patience": 40})
+    run_dir = tmp_path / "runs" / "tiny" / "default"
+    proc = subprocess.Popen([*CLI, "run", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            # Killed once distillation has checkpointed an epoch: mid-stage, not between stages.
+            if run_dir.exists() and list(run_dir.glob(".02-distill.tmp-*")) and list(run_dir.glob(".distill-resume-*")):
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (run_dir / "02-distill").exists(), "a killed stage must not look complete"
+    assert (run_dir / "01-prune" / "stage.json").exists()
+    checkpoint = next(run_dir.glob(".distill-resume-*"))
+    import torch
+
+    done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
+    resumed = run(path)
+    assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages["prune"]["status"] == "reused"
+    assert resumed.stages["distill"]["status"] == "ran"
+    curves = json.loads((run_dir / "02-distill" / "curves.json").read_text())
+    assert len(curves) == 40 and done_before_kill >= 1, "training went on from the checkpoint to the last epoch"
+    assert not checkpoint.exists(), "the resume checkpoint is removed once the stage completes"
+    assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name], "temporary folders are cleaned up"
+    assert (run_dir / "02-distill" / "stage.json").exists()
