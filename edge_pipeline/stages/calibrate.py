@@ -41,8 +41,8 @@ def provenance(data: Splits, x: np.ndarray, y: np.ndarray | None, seed: int, sam
     hist = None if y is None else {str(c): int((y == i).sum()) for i, c in enumerate(data.classes or [])}
     return {"source": data.source, "split": "train", "seed": seed, "sampling": sampling, "samples": len(x),
             "shape": list(x.shape[1:]), "dtype": str(x.dtype), "class_histogram": hist,
-            "input_stats": {"min": float(x.min()), "max": float(x.max()), "mean": float(x.mean()),
-                            "std": float(x.std())}}
+            "input_stats": None if not len(x) else {"min": float(x.min()), "max": float(x.max()),
+                                                    "mean": float(x.mean()), "std": float(x.std())}}
 
 
 def write_set(base: Path, x: np.ndarray, y: np.ndarray | None, prov: dict) -> dict:

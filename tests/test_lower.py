@@ -1,0 +1,84 @@
+"""Lowering to ExecuTorch, ONNX Runtime mobile and LiteRT, run in each runtime and checked against torch."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edge_pipeline.sources import build_model
+from edge_pipeline.stages.lower import lower_all
+from edge_pipeline.targets import load_profile
+from edge_pipeline.training import fit
+
+INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zoo", ["mobilenetv2-tiny", "resnet-tiny"])
+def test_zoo_models_lower_to_all_three_runtimes_in_int8(digits, zoo, tmp_path):
+    model = fit(build_model(f"zoo:{zoo}", 10, 1), digits.train, epochs=3, lr=3e-3)
+    result = lower_all(model, [load_profile(p) for p in INT8], digits, digits.train.x[:64], tmp_path)
+    for name in INT8:
+        t = result["targets"][name]
+        assert "error" not in t, t.get("error")
+        assert t["parity"]["cosine"] > 0.95 and t["parity"]["top1_agreement"] >= 0.9, t["parity"]
+        assert (tmp_path / t["artifact"]).is_file()
+        assert (tmp_path / name / "describe.json").is_file()
+    assert result["targets"]["executorch-xnnpack-int8"]["describe"]["delegated_subgraphs"] >= 1
+    assert (tmp_path / "executorch-xnnpack-int8" / "model.bpte").is_file()
+    assert (tmp_path / "ort-mobile-int8" / "required_operators.config").is_file()
+    assert (tmp_path / "ort-mobile-int8" / "test_data_set_0" / "input_0.pb").is_file()
+    tfl = result["targets"]["tflite-int8"]["describe"]
+    assert tfl["quantized_io"]["input"]["scale"] > 0 and tfl["inputs"][0]["dtype"] == "int8"
+    assert (tmp_path / "tflite-int8" / "input_0.raw").stat().st_size == 64  # 1x1x8x8 int8
+
+
+@torch.library.custom_op("edgetest::mystery", mutates_args=())
+def mystery(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@mystery.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+class WithMysteryOp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.odd = nn.Identity()
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(mystery(self.conv(x)).mean((2, 3)))
+
+
+@pytest.mark.slow
+def test_unsupported_op_fails_its_target_with_the_op_named_and_others_still_run(digits, tmp_path):
+    profiles = [load_profile(p) for p in ("ort-mobile-fp32", "tflite-fp32", "executorch-xnnpack-fp32")]
+    result = lower_all(WithMysteryOp().eval(), profiles, digits, digits.train.x[:8], tmp_path)
+    assert result["failed_targets"], "a model with a custom op cannot lower everywhere"
+    for name in result["failed_targets"]:
+        t = result["targets"][name]
+        assert "mystery" in (t["error"] + str(t.get("where"))), t
+        assert not (tmp_path / name).exists(), "a failed target leaves no folder that looks complete"
+    # Every target was attempted: a failure in one did not stop the others.
+    assert set(result["targets"]) == {p.name for p in profiles}
+    json.dumps(result, default=str)
+
+
+def test_runner_measures_latency_and_outputs(digits, tmp_path):
+    model = build_model("zoo:digits-cnn", 10, 1, width=0.25).eval()
+    result = lower_all(model, [load_profile("ort-mobile-fp32")], digits, digits.train.x[:8], tmp_path)
+    from edge_pipeline.devices.runner import load_runner
+
+    path = tmp_path / result["targets"]["ort-mobile-fp32"]["artifact"]
+    stats, outputs = load_runner().measure(str(path), digits.test.x[:10], threads=1, runs=10, warmup=2)
+    assert outputs.shape == (10, 10)
+    lat = stats["latency"]
+    assert lat["runs"] == 10 and lat["p50_ms"] > 0 and lat["p50_ms"] <= lat["p99_ms"]
+    assert stats["conditions"]["threads"] == 1 and stats["peak_rss_bytes"] > 0
+    np.testing.assert_allclose(outputs, model(torch.from_numpy(digits.test.x[:10])).detach().numpy(), atol=1e-4)
