@@ -78,7 +78,7 @@ class DeviceTestConfig(_Strict):
     enabled: bool = True
     runs: int = Field(50, ge=1)
     warmup: int = Field(5, ge=0)
-    threads: int = Field(1, ge=1)
+    threads: int | None = Field(None, ge=1)  # None: each target profile's own thread count
     timeout_s: float = Field(300, gt=0)
 
 

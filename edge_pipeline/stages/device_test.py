@@ -1,0 +1,122 @@
+"""Stage 5: measure every lowered artifact on every device: size, latency, memory, accuracy.
+
+The standalone runner goes to the device with the artifact and the evaluation inputs; the device returns a
+JSON of timings and the outputs; accuracy and agreement with the fp32 teacher are computed here, on the host.
+A device or target that fails is recorded with its error, and the others are still measured.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from edge_pipeline import progress
+from edge_pipeline.devices import open_device, parse_device
+from edge_pipeline.devices.runner import RUNNER_PATH
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.targets import Profile, load_profile
+from edge_pipeline.training import agreement, top1
+
+
+def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, runs: int,
+                      warmup: int) -> tuple[dict, np.ndarray]:
+    device.push([RUNNER_PATH, artifact, inputs_npz])
+    argv = [device.python, RUNNER_PATH.name, artifact.name, inputs_npz.name, "result.json", "--threads", str(threads),
+            "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz"]
+    code, out, err = device.run(argv, f"run {artifact.name}")
+    if code != 0:
+        raise PipelineError(f"runner exited with {code} on {artifact.name}: {(err or out).strip()[-600:]}",
+                            where=f"device {device.spec.spec}", exit_code=1,
+                            hint="is the runtime installed there? (edge-pipeline doctor on the device)")
+    with tempfile.TemporaryDirectory() as tmp:
+        device.pull("result.json", Path(tmp) / "result.json")
+        device.pull("outputs.npz", Path(tmp) / "outputs.npz")
+        result = json.loads((Path(tmp) / "result.json").read_text())
+        with np.load(Path(tmp) / "outputs.npz") as z:
+            outputs = z["y"]
+    return result, outputs
+
+
+def accuracy_figures(outputs: np.ndarray, labels: np.ndarray | None, teacher: np.ndarray) -> dict:
+    out = {"agreement_with_teacher": agreement(outputs, teacher)}
+    if labels is not None:
+        out["test_accuracy"] = top1(outputs, labels)
+    return out
+
+
+def check_budgets(profile: Profile, m: dict, reference_accuracy: float | None) -> list[str]:
+    b, fails = profile.budgets, []
+    if b.max_size_bytes and m["size_bytes"] > b.max_size_bytes:
+        fails.append(f"size {m['size_bytes']} > {b.max_size_bytes}")
+    if b.max_latency_ms and m["latency"]["p50_ms"] > b.max_latency_ms:
+        fails.append(f"p50 latency {m['latency']['p50_ms']:.3f} ms > {b.max_latency_ms} ms")
+    if b.max_accuracy_drop is not None and reference_accuracy is not None and "test_accuracy" in m:
+        drop = reference_accuracy - m["test_accuracy"]
+        if drop > b.max_accuracy_drop + 1e-9:
+            fails.append(f"accuracy drop {drop:.4f} > {b.max_accuracy_drop}")
+    return fails
+
+
+def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], x: np.ndarray,
+                 labels: np.ndarray | None, teacher_out: np.ndarray, threads: int | None, runs: int, warmup: int,
+                 timeout: float) -> dict:
+    """Every target x device; returns {"results": {target: {device: metrics}}, "failed_targets": [...]}."""
+    results: dict[str, dict] = {}
+    failed: set[str] = set()
+    reference = lower_metrics.get("float", {}).get("test_accuracy")
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = Path(tmp) / "eval_inputs.npz"
+        np.savez(inputs, x=x)
+        with progress.task("device tests", total=len(profiles) * len(devices)) as task:
+            for dev_spec in devices:
+                spec = parse_device(dev_spec)
+                try:
+                    device = open_device(spec, timeout)
+                except PipelineError as e:
+                    for p in profiles:
+                        results.setdefault(p.name, {})[dev_spec] = {"error": str(e)}
+                        failed.add(p.name)
+                        task.advance()
+                    continue
+                try:
+                    for p in profiles:
+                        task.advance(0, f"{p.name} on {dev_spec}")
+                        tm = lower_metrics["targets"].get(p.name, {})
+                        if "artifact" not in tm:
+                            results.setdefault(p.name, {})[dev_spec] = {"error": "not lowered"}
+                            failed.add(p.name)
+                            task.advance()
+                            continue
+                        try:
+                            m, outputs = measure_on_device(device, lower_dir / tm["artifact"], inputs,
+                                                           threads or p.threads, runs, warmup)
+                            m.update(accuracy_figures(outputs, labels, teacher_out))
+                            m["failures"] = check_budgets(p, m, reference)
+                        except PipelineError as e:
+                            m = {"error": str(e), "failures": [str(e)]}
+                        if m["failures"]:
+                            failed.add(p.name)
+                        results.setdefault(p.name, {})[dev_spec] = m
+                        task.advance()
+                finally:
+                    device.close()
+    return {"results": results, "failed_targets": sorted(failed)}
+
+
+def run(ctx, out: Path) -> dict:
+    from edge_pipeline.modelio import load_model
+    from edge_pipeline.training import predict
+
+    cfg = ctx.recipe.device_test
+    teacher, _ = load_model(ctx.stage_dir("teacher") / "model.pt")
+    teacher_out = predict(teacher, ctx.data.test.x)
+    lower_metrics = ctx.metrics["lower"]
+    profiles = [load_profile(t) for t in ctx.recipe.targets]
+    res = test_targets(ctx.stage_dir("lower"), lower_metrics, profiles, ctx.recipe.devices, ctx.data.test.x,
+                       ctx.data.test.y, teacher_out, cfg.threads, cfg.runs,
+                       cfg.warmup, cfg.timeout_s)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    return res
