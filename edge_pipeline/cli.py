@@ -123,6 +123,15 @@ def _run_command(recipe, out_dir, run_id, from_stage, only, force, as_json, unti
     if as_json:
         print(json.dumps(summary.run_json, indent=1, default=str))
     _print_summary(summary)
+    dev = summary.run_json.get("stages", {}).get("device-test")
+    if dev:
+        console.print(_target_table(dev["metrics"]["results"], "targets × devices"))
+    report = summary.run_dir / "report.html"
+    if report.is_file():
+        console.print(f"report: {report}")
+    pkg = summary.run_json.get("stages", {}).get("package")
+    if pkg:
+        console.print(f"bundle: {pkg['metrics']['bundle']}  archive: {pkg['metrics']['tar']}")
     sys.exit(summary.exit_code)
 
 
@@ -166,6 +175,98 @@ _stage_command("prune", "Structured pruning of the teacher.")
 _stage_command("distill", "Distill the teacher into the student.")
 _stage_command("calibrate", "Draw (or check) the pinned representative set.")
 _stage_command("lower", "Lower the model to every target's runtime format.")
+
+
+def _target_table(results: dict, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("target", "device", "size (B)", "p50 ms", "p90 ms", "cv", "init ms", "peak RSS MB", "test acc",
+                "agree teacher", "status"):
+        table.add_column(col)
+    for target, by in results.items():
+        for device, m in by.items():
+            if "error" in m:
+                table.add_row(target, device, *[""] * 8, f"[red]{m['error'][:80]}[/red]")
+                continue
+            lat = m["latency"]
+            status = "[red]" + "; ".join(m["failures"]) + "[/red]" if m.get("failures") else "[green]ok[/green]"
+            if lat.get("unstable"):
+                status += " [yellow](unstable)[/yellow]"
+            acc = m.get("test_accuracy")
+            table.add_row(target, device, str(m["size_bytes"]), f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}",
+                          f"{lat['cv']:.2f}", f"{m['init_ms']:.1f}", f"{m['peak_rss_bytes'] / 2**20:.0f}",
+                          "" if acc is None else f"{acc:.4f}",
+                          f"{m['agreement_with_teacher']['top1_agreement']:.4f}", status)
+    return table
+
+
+@main.command("test")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--device", "devices", multiple=True, default=["local"], show_default=True,
+              help="local, ssh://user@host[:port][?key=..&python=..], adb://SERIAL; repeatable.")
+@click.option("--threads", type=int, help="Threads (default: each target profile's).")
+@click.option("--runs", type=int, default=50, show_default=True)
+@click.option("--warmup", type=int, default=5, show_default=True)
+@click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per device step.")
+@handle_errors
+def test_command(run_dir, devices, threads, runs, warmup, timeout):
+    """Measure a run's artifacts on devices, then run the acceptance suite against the budgets."""
+    from pathlib import Path
+
+    from edge_pipeline.device_testing import test_run
+
+    results_path = _with_progress(lambda: test_run(Path(run_dir), list(devices), threads, runs, warmup, timeout))
+    results = json.loads(results_path.read_text())
+    out.print(_target_table(results["results"], f"device test of {run_dir}"))
+    import subprocess
+
+    suite = Path(__file__).resolve().parents[1] / "device_tests"
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite),
+                          "--rootdir", str(suite), "--results", str(results_path)])
+    console.print(f"results: {results_path}")
+    sys.exit(0 if res.returncode == 0 else 1)
+
+
+@main.command("package")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--version", "version", required=True, help="Release version, e.g. 1.2.0.")
+@click.option("--dist", default="dist", show_default=True)
+@click.option("--allow-failing", is_flag=True, help="Package even if targets failed (recorded in the bundle).")
+@handle_errors
+def package_command(run_dir, version, dist, allow_failing):
+    """Build dist/<name>-<version>/ and its reproducible tar.gz from a finished run."""
+    from pathlib import Path
+
+    from edge_pipeline.stages.package import package
+
+    bundle, tar_path = _with_progress(lambda: package(Path(run_dir), version, Path(dist), allow_failing))
+    out.print(f"bundle: {bundle}\narchive: {tar_path}")
+
+
+@main.command("verify")
+@click.argument("bundle", type=click.Path(exists=True))
+@handle_errors
+def verify_command(bundle):
+    """Check a bundle's checksums and manifest, then re-run its golden inputs in each runtime."""
+    from edge_pipeline.verify import verify
+
+    res = verify(bundle)
+    for name, r in res["targets"].items():
+        out.print(f"{name}: golden outputs match (min cosine {r['min_cosine']:.6f}, max abs {r['max_abs']:.3g})")
+    out.print(f"[green]verified[/green] {res['files']} files in {bundle}")
+
+
+@main.command("report")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", "dest", help="Where to write the HTML (default: RUN_DIR/report.html).")
+@handle_errors
+def report_command(run_dir, dest):
+    """Write the run's self-contained HTML report."""
+    from pathlib import Path
+
+    from edge_pipeline.report import write_report
+
+    path = write_report(Path(run_dir), Path(dest) if dest else Path(run_dir) / "report.html")
+    out.print(f"report: {path}")
 
 
 @main.command()

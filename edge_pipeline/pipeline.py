@@ -153,6 +153,10 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
     failed = sorted({t for m in ctx.metrics.values() for t in m.get("failed_targets", [])})
     if ddp and not distributed.is_main():
         return RunSummary(store.dir, summary, {}, failed)
+    if ctx.keys.get("lower", "disabled") != "disabled" and store.record("lower"):
+        from edge_pipeline.report import write_report
+
+        write_report(store.dir, store.dir / "report.html")
     doc = store.write_run_json(recipe_doc, str(recipe_path), "failed-targets" if failed else "ok",
                                {"failed_targets": failed})
     return RunSummary(store.dir, summary, doc, failed)
@@ -173,6 +177,8 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
         if not ddp or distributed.is_main():
             ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "failed")
         raise
+    if not ddp or distributed.is_main():
+        ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "running")
     progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")
     return rec
 

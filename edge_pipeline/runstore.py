@@ -133,3 +133,11 @@ class RunStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.dir / "run.json", doc)
         return doc
+
+
+def find_stage(run_dir: Path, stage: str) -> tuple[Path, dict] | None:
+    """A completed stage folder of a run (``NN-<stage>``) and its stage.json, or None."""
+    for d in sorted(Path(run_dir).glob(f"[0-9][0-9]-{stage}")):
+        if (d / "stage.json").is_file():
+            return d, json.loads((d / "stage.json").read_text())
+    return None

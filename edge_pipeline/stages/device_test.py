@@ -103,7 +103,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                         task.advance()
                 finally:
                     device.close()
-    return {"results": results, "failed_targets": sorted(failed)}
+    return {"results": results, "failed_targets": sorted(failed), "float_test_accuracy": reference}
 
 
 def run(ctx, out: Path) -> dict:

@@ -1,0 +1,25 @@
+"""The device acceptance suite gates a release: ``pytest device_tests --results RESULTS.json``.
+
+RESULTS.json is what ``edge-pipeline test`` writes (target -> device -> measured figures).
+"""
+
+import json
+from pathlib import Path
+
+
+def pytest_addoption(parser):
+    parser.addoption("--results", action="store", default=None, help="device results JSON from edge-pipeline test")
+
+
+def _cases(config):
+    path = config.getoption("--results")
+    if not path:
+        return []
+    doc = json.loads(Path(path).read_text())
+    return [(t, d, m, doc.get("float_test_accuracy")) for t, by in doc["results"].items() for d, m in by.items()]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = _cases(metafunc.config)
+        metafunc.parametrize("case", cases, ids=[f"{t}@{d}" for t, d, _, _ in cases])

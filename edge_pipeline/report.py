@@ -1,0 +1,189 @@
+"""The HTML report: one self-contained file (plots embedded as PNG, no network) read from a run folder."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+from edge_pipeline.runstore import find_stage
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(title: str, fig) -> str:
+    return (f'<figure><img class="plot" alt="{html.escape(title)}" src="data:image/png;base64,{_png(fig)}">'
+            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+
+
+def pareto(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (smaller x and higher y are better)."""
+    keep = []
+    for i, (x, y) in enumerate(points):
+        if not any((x2 <= x and y2 >= y) and (x2, y2) != (x, y) for x2, y2 in points):
+            keep.append(i)
+    return keep
+
+
+def _waterfall(run_dir: Path, targets: dict) -> str | None:
+    rows = []
+    for stage, label in (("teacher", "teacher"), ("prune", "pruned"), ("distill", "student")):
+        rec = find_stage(run_dir, stage)
+        if not rec:
+            continue
+        m = rec[1]["metrics"]
+        params = m.get("params", m.get("params_after"))
+        macs = m.get("macs", m.get("macs_after"))
+        size = m.get("state_bytes")
+        acc = m.get("test_accuracy", m.get("val_accuracy_finetuned"))
+        rows.append((label, params, macs, size, acc))
+    for name, t in targets.items():
+        if t.get("precision") == "int8" and "size_bytes" in t:
+            rows.append((name, None, None, t["size_bytes"], t.get("test_accuracy")))
+    if not rows:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
+    for ax, idx, title in zip(axes, (1, 2, 3, 4), ("params", "MACs", "size (bytes)", "test accuracy"), strict=True):
+        labels = [r[0] for r in rows if r[idx] is not None]
+        vals = [r[idx] for r in rows if r[idx] is not None]
+        ax.bar(range(len(vals)), vals, color="#4c72b0")
+        ax.set_xticks(range(len(vals)), labels, rotation=35, ha="right", fontsize=7)
+        ax.set_title(title)
+        if idx == 4 and vals:
+            ax.set_ylim(max(0.0, min(vals) - 0.05), 1.0)
+    return _figure("Stage waterfall: teacher → pruned → student → int8", fig)
+
+
+def _device_bars(results: dict) -> str | None:
+    rows = [(t, d, m) for t, by in results.items() for d, m in by.items() if "latency" in m]
+    if not rows:
+        return None
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 3.8))
+    labels = [f"{t}\n@{d}" for t, d, _ in rows]
+    a1.bar(range(len(rows)), [m["latency"]["p50_ms"] for _, _, m in rows], color="#dd8452")
+    a1.set_title("p50 latency (ms)")
+    a2.bar(range(len(rows)), [m["size_bytes"] for _, _, m in rows], color="#55a868")
+    a2.set_title("size (bytes)")
+    for ax in (a1, a2):
+        ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
+    return _figure("Latency and size per target × device", fig)
+
+
+def _scatter(results: dict, targets: dict) -> str | None:
+    pts = []
+    for t, by in results.items():
+        for d, m in by.items():
+            if "latency" in m and m.get("test_accuracy") is not None:
+                pts.append((t, d, m["size_bytes"], m["latency"]["p50_ms"], m["test_accuracy"]))
+    if not pts:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    for ax, xi, xlabel in ((axes[0], 2, "size (bytes)"), (axes[1], 3, "p50 latency (ms)")):
+        xy = [(p[xi], p[4]) for p in pts]
+        front = set(pareto(xy))
+        for i, p in enumerate(pts):
+            ax.scatter(p[xi], p[4], color="#c44e52" if i in front else "#8c8c8c", zorder=3)
+            ax.annotate(p[0], (p[xi], p[4]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        fr = sorted(xy[i] for i in front)
+        ax.plot([f[0] for f in fr], [f[1] for f in fr], "--", color="#c44e52", label="Pareto front")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=7)
+    return _figure("Accuracy vs size and vs latency (Pareto front in red)", fig)
+
+
+def _prune_scan(run_dir: Path) -> str | None:
+    rec = find_stage(run_dir, "prune")
+    if not rec or not (rec[0] / "sensitivity.json").is_file():
+        return None
+    scan = json.loads((rec[0] / "sensitivity.json").read_text())
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for layer, drops in scan.items():
+        rs = sorted(drops, key=float)
+        ax.plot([float(r) for r in rs], [drops[r] for r in rs], marker="o", label=layer)
+    ax.set_xlabel("pruning ratio (this layer alone)")
+    ax.set_ylabel("validation accuracy drop")
+    ax.legend(fontsize=6)
+    return _figure("Pruning sensitivity scan", fig)
+
+
+def _distill_curves(run_dir: Path) -> str | None:
+    rec = find_stage(run_dir, "distill")
+    if not rec or not (rec[0] / "curves.json").is_file():
+        return None
+    curves = json.loads((rec[0] / "curves.json").read_text())
+    ep = [c["epoch"] for c in curves]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.4))
+    a1.plot(ep, [c["train_loss"] for c in curves])
+    a1.set_title("distillation loss")
+    if "val_accuracy" in curves[0]:
+        a2.plot(ep, [c["val_accuracy"] for c in curves], label="val accuracy")
+    a2.plot(ep, [c["val_agreement"] for c in curves], label="agreement with teacher")
+    a2.legend(fontsize=7)
+    a2.set_xlabel("epoch")
+    return _figure("Distillation curves", fig)
+
+
+def _quant_sensitivity(targets: dict) -> str | None:
+    sens = {t: m["layer_sensitivity"] for t, m in targets.items() if m.get("layer_sensitivity")}
+    if not sens:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 3.6))
+    for i, (t, s) in enumerate(sens.items()):
+        layers = list(s)
+        ax.bar([j + i * 0.25 for j in range(len(layers))], [s[n] for n in layers], width=0.25, label=t)
+        ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel("val accuracy drop, only this layer int8")
+    ax.legend(fontsize=7)
+    return _figure("Per-layer quantization sensitivity", fig)
+
+
+def _coverage_table(targets: dict) -> str:
+    rows = []
+    for name, t in targets.items():
+        d = t.get("describe") or {}
+        if d.get("backend") == "executorch":
+            cov = f"{d.get('delegated_subgraphs')} XNNPACK subgraph(s); portable: {d.get('portable_ops') or 'none'}"
+        else:
+            cov = ", ".join(f"{k}×{v}" for k, v in sorted((d.get("ops") or {}).items()))
+        status = "failed: " + "; ".join(t.get("failures", [])) if t.get("failures") else "ok"
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(t.get('size_bytes', '')))}</td>"
+                    f"<td>{html.escape(cov)}</td><td>{html.escape(status)}</td></tr>")
+    return ("<table><tr><th>target</th><th>bytes</th><th>operator coverage</th><th>status</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def write_report(run_dir: Path, dest: Path) -> Path:
+    run_dir = Path(run_dir)
+    lower = find_stage(run_dir, "lower")
+    targets = lower[1]["metrics"]["targets"] if lower else {}
+    dev = find_stage(run_dir, "device-test")
+    results = dev[1]["metrics"]["results"] if dev else {}
+    sections = [s for s in (_waterfall(run_dir, targets), _device_bars(results), _scatter(results, targets),
+                            _prune_scan(run_dir), _distill_curves(run_dir), _quant_sensitivity(targets)) if s]
+    title = f"edge-pipeline report: {run_dir.parent.name}/{run_dir.name}"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img.plot{{max-width:100%}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}</style></head>
+<body><h1>{html.escape(title)}</h1>{''.join(sections)}<h2>Operator coverage</h2>{_coverage_table(targets)}
+<script>
+window.addEventListener('load', () => {{
+  const imgs = [...document.querySelectorAll('img.plot')];
+  document.body.dataset.plots = imgs.length;
+  document.body.dataset.rendered = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+}});
+</script></body></html>"""
+    dest.write_text(page)
+    return dest

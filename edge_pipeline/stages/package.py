@@ -1,0 +1,216 @@
+"""Stage 6: the release bundle ``dist/<name>-<version>/`` and its reproducible ``.tar.gz``.
+
+Built from a finished run folder alone (its stage folders and their stage.json), so ``edge-pipeline package
+RUN`` works on any completed run. The manifest lists the sha256 and size of every file; golden inputs and
+each artifact's outputs on them let ``verify`` re-run the models anywhere.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_pipeline.errors import BudgetFailure, PipelineError
+from edge_pipeline.runstore import find_stage, sha256_file, toolchain_versions
+
+MANIFEST_SCHEMA = 1
+SKIP_IN_TARGET = {"build"}
+
+
+
+def _git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return res.stdout.strip() if res.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def file_table(root: Path) -> dict[str, dict]:
+    """sha256 and size of every file under root except the manifest, by POSIX relative path."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            out[p.relative_to(root).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
+    return out
+
+
+def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = False,
+                 recipe: dict | None = None) -> dict:
+    """Write the bundle's content into ``out`` (an empty folder); returns the manifest."""
+    from edge_pipeline.devices.runner import load_runner
+
+    lower = find_stage(run_dir, "lower")
+    if lower is None:
+        raise PipelineError(f"{run_dir} has no completed lower stage to package", where=str(run_dir),
+                            hint="run the recipe with targets first")
+    lower_dir, lower_rec = lower
+    dev = find_stage(run_dir, "device-test")
+    device_results = dev[1]["metrics"]["results"] if dev else {}
+    failed = sorted(set(lower_rec["metrics"]["failed_targets"])
+                    | set(dev[1]["metrics"]["failed_targets"] if dev else []))
+    if failed and not allow_failing:
+        raise BudgetFailure(f"targets failed their budgets or checks: {', '.join(failed)}", where=str(run_dir),
+                            hint="fix them, or package anyway with --allow-failing (recorded in the manifest)")
+    run_doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    recipe = recipe or run_doc.get("recipe", {})
+    name = recipe.get("name") or run_dir.parent.name
+
+    golden = np.load(lower_dir / "golden.npz")["x"]
+    (out / "golden").mkdir()
+    np.savez(out / "golden" / "inputs.npz", x=golden)
+    runner = load_runner()
+    targets = {}
+    for tname, tm in lower_rec["metrics"]["targets"].items():
+        if "artifact" not in tm:
+            continue
+        shutil.copytree(lower_dir / tname, out / tname,
+                        ignore=lambda d, names: [n for n in names if n in SKIP_IN_TARGET])
+        artifact = out / tm["artifact"]
+        model = runner.Model(str(artifact), 1)
+        outputs = np.concatenate([model.run(golden[i:i + 1]) for i in range(len(golden))])
+        np.savez(out / "golden" / f"{tname}.npz", y=outputs)
+        targets[tname] = {
+            "backend": tm["backend"], "precision": tm["precision"], "artifact": tm["artifact"],
+            "io": {k: tm["describe"].get(k) for k in ("inputs", "outputs", "quantized_io")},
+            "float_layers": tm.get("float_layers", []),
+            "lower": {k: tm.get(k) for k in ("size_bytes", "test_accuracy", "accuracy_drop", "parity", "failures")},
+            "devices": {d: _device_brief(m) for d, m in device_results.get(tname, {}).items()},
+        }
+    classes = None
+    if recipe.get("data"):
+        from edge_pipeline.sources import load_data
+
+        classes = load_data(recipe["data"]).classes
+    if classes:
+        (out / "labels.txt").write_text("\n".join(classes) + "\n")
+    cal = find_stage(run_dir, "calibrate")
+    stages = {s: rec["metrics"] for s in ("teacher", "prune", "distill", "calibrate")
+              if (r := find_stage(run_dir, s)) for rec in [r[1]]}
+    manifest = {
+        "schema": MANIFEST_SCHEMA, "name": name, "version": version, "targets": targets,
+        "failed_targets": failed, "allow_failing": bool(failed) and allow_failing,
+        "recipe": recipe, "calibration_sha256": cal[1]["metrics"]["sha256"] if cal else None,
+        "stages": stages, "toolchain": run_doc.get("toolchain") or toolchain_versions(),
+        "git_commit": _git_commit(),
+    }
+    (out / "MODEL_CARD.md").write_text(model_card(manifest))
+    from edge_pipeline.report import write_report
+
+    write_report(run_dir, out / "report.html")
+    manifest["files"] = file_table(out)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
+    return manifest
+
+
+def _device_brief(m: dict) -> dict:
+    if "error" in m:
+        return {"error": m["error"]}
+    return {"p50_ms": m["latency"]["p50_ms"], "p90_ms": m["latency"].get("p90_ms"), "cv": m["latency"].get("cv"),
+            "unstable": m["latency"].get("unstable"), "init_ms": m.get("init_ms"),
+            "peak_rss_bytes": m.get("peak_rss_bytes"), "test_accuracy": m.get("test_accuracy"),
+            "agreement_with_teacher": m.get("agreement_with_teacher"), "conditions": m.get("conditions"),
+            "runtime": f"{m.get('runtime')} {m.get('runtime_version')}", "failures": m.get("failures")}
+
+
+def model_card(m: dict) -> str:
+    st = m["stages"]
+    lines = [f"# {m['name']} {m['version']}", "", m["recipe"].get("description", ""), "",
+             "## Intended use",
+             "On-device classification with the models in this bundle, one folder per runtime. Inputs are float32 "
+             "in the layout given in `manifest.json` (int8 inputs for TFLite int8: scale and zero point there).", "",
+             "## Data",
+             f"Source: `{m['recipe'].get('data')}`. Accuracy is measured on the held-out test split, never used "
+             f"for training or calibration. Calibration set sha256: `{m['calibration_sha256']}`.", "",
+             "## What each stage did"]
+    if "teacher" in st:
+        t = st["teacher"]
+        lines.append(f"- **teacher** `{m['recipe'].get('model')}`: {t['params']} params, {t['macs']} MACs, "
+                     f"test accuracy {t.get('test_accuracy', float('nan')):.4f}.")
+    if "prune" in st:
+        p = st["prune"]
+        lines.append(f"- **prune** ({p['method']}): MACs {p['macs_before']} → {p['macs_after']} "
+                     f"({p['macs_fraction']:.1%}), params {p['params_before']} → {p['params_after']}.")
+    if "distill" in st:
+        d = st["distill"]
+        lines.append(f"- **distill**: student test accuracy {d.get('test_accuracy', float('nan')):.4f} "
+                     f"(teacher {d.get('teacher_test_accuracy', float('nan')):.4f}), "
+                     f"{d['macs_fraction_of_teacher']:.1%} of the teacher's MACs.")
+    if "calibrate" in st:
+        lines.append(f"- **calibrate**: {st['calibrate']['samples']} samples from the training split.")
+    lines += ["", "## Targets", "", "| target | size (bytes) | test accuracy | parity cosine | devices (p50 ms) |",
+              "|---|---|---|---|---|"]
+    for name, t in m["targets"].items():
+        devs = ", ".join(f"{d}: {v.get('p50_ms', float('nan')):.3f}" for d, v in t["devices"].items() if "p50_ms" in v)
+        acc = t["lower"].get("test_accuracy")
+        lines.append(f"| {name} | {t['lower']['size_bytes']} | {'' if acc is None else f'{acc:.4f}'} | "
+                     f"{t['lower']['parity']['cosine']:.6f} | {devs} |")
+    lines += ["", "## Limits",
+              "- Figures were measured on the devices named above; other devices differ.",
+              "- The model classifies inputs like its training data only; it has no notion of 'none of these'."]
+    if m["failed_targets"]:
+        lines += [f"- **Packaged with failing targets** (--allow-failing): {', '.join(m['failed_targets'])}."]
+    return "\n".join(lines) + "\n"
+
+
+def write_tar(bundle: Path, dest: Path) -> None:
+    """A reproducible .tar.gz: sorted entries, zero mtimes, root owner, fixed modes, gzip without a timestamp."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        paths = [bundle, *sorted(bundle.rglob("*"))]
+        for p in paths:
+            arc = (Path(bundle.name) / p.relative_to(bundle)).as_posix()
+            info = tarfile.TarInfo(arc)
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if p.is_dir():
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                tar.addfile(info)
+            else:
+                info.size, info.mode = p.stat().st_size, 0o644
+                with open(p, "rb") as f:
+                    tar.addfile(info, f)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(buf.getvalue())
+    os.replace(tmp, dest)
+
+
+def package(run_dir: Path, version: str, dist: Path, allow_failing: bool = False,
+            recipe: dict | None = None) -> tuple[Path, Path]:
+    """Write ``dist/<name>-<version>/`` and its tar.gz, each complete or absent."""
+    import tempfile
+
+    dist.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dist, prefix=".bundle-") as tmp:
+        staging = Path(tmp) / "b"
+        staging.mkdir()
+        manifest = build_bundle(run_dir, version, staging, allow_failing, recipe)
+        final = dist / f"{manifest['name']}-{version}"
+        named = Path(tmp) / final.name
+        staging.rename(named)
+        tar_path = dist / f"{final.name}.tar.gz"
+        write_tar(named, tar_path)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(named, final)
+    return final, tar_path
+
+
+def run(ctx, out: Path) -> dict:
+    cfg = ctx.recipe.package
+    started = time.time()
+    dist = Path(cfg.dist)
+    bundle, tar_path = package(ctx.store.dir, cfg.version, dist, cfg.allow_failing, ctx.recipe.model_dump())
+    (out / "bundle.json").write_text(json.dumps({"bundle": str(bundle), "tar": str(tar_path)}))
+    return {"bundle": str(bundle), "tar": str(tar_path), "tar_sha256": sha256_file(tar_path),
+            "tar_bytes": tar_path.stat().st_size, "seconds": time.time() - started}

@@ -1,0 +1,96 @@
+"""``edge-pipeline verify``: is this bundle intact, and do its models still give their recorded outputs?
+
+A tar.gz is unpacked safely first: entries that would escape the folder, links and device files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+import tempfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.stages.package import MANIFEST_SCHEMA, file_table
+
+REQUIRED_KEYS = {"schema", "name", "version", "targets", "files", "toolchain", "recipe"}
+GOLDEN_MIN_COSINE = 0.999
+
+
+def safe_extract(tar_path: Path, dest: Path) -> Path:
+    """Unpack regular files and folders only, each inside ``dest``; returns the bundle's top folder."""
+    try:
+        tar = tarfile.open(tar_path, "r:gz")
+    except (tarfile.TarError, OSError) as e:
+        raise PipelineError(f"not a readable .tar.gz: {e}", where=str(tar_path)) from None
+    with tar:
+        members = tar.getmembers()
+        for m in members:
+            path = PurePosixPath(m.name)
+            if path.is_absolute() or ".." in path.parts or not m.name:
+                raise PipelineError(f"archive entry '{m.name}' would escape the folder", where=str(tar_path),
+                                    hint="this archive was not made by edge-pipeline package; do not use it")
+            if not (m.isfile() or m.isdir()):
+                kind = "link" if (m.issym() or m.islnk()) else "device or special file"
+                raise PipelineError(f"archive entry '{m.name}' is a {kind}", where=str(tar_path),
+                                    hint="bundles hold regular files only")
+        tops = {PurePosixPath(m.name).parts[0] for m in members}
+        if len(tops) != 1:
+            raise PipelineError("archive does not hold exactly one bundle folder", where=str(tar_path))
+        tar.extractall(dest, members=members, filter="data")
+    return dest / tops.pop()
+
+
+def verify_dir(bundle: Path) -> dict:
+    """Checksums, manifest schema, missing and extra files, then the golden inputs in each runtime."""
+    mpath = bundle / "manifest.json"
+    if not mpath.is_file():
+        raise PipelineError("manifest.json is missing", where=str(bundle))
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"manifest.json is not valid JSON: {e}", where=str(mpath)) from None
+    missing_keys = REQUIRED_KEYS - set(manifest)
+    if missing_keys or manifest.get("schema") != MANIFEST_SCHEMA:
+        raise PipelineError(f"manifest.json does not fit schema {MANIFEST_SCHEMA}: missing {sorted(missing_keys)}"
+                            f" or schema {manifest.get('schema')!r}", where=str(mpath))
+    recorded, actual = manifest["files"], file_table(bundle)
+    for rel in sorted(recorded):
+        if rel not in actual:
+            raise PipelineError(f"file listed in the manifest is missing: {rel}", where=str(bundle / rel))
+        if actual[rel]["sha256"] != recorded[rel]["sha256"] or actual[rel]["size"] != recorded[rel]["size"]:
+            raise PipelineError(f"checksum mismatch: {rel}", where=str(bundle / rel),
+                                hint="the file changed after packaging; rebuild the bundle")
+    extra = sorted(set(actual) - set(recorded))
+    if extra:
+        raise PipelineError(f"file not in the manifest: {extra[0]}", where=str(bundle / extra[0]),
+                            hint="a bundle holds exactly the files its manifest lists")
+    from edge_pipeline.devices.runner import load_runner
+
+    runner = load_runner()
+    golden = np.load(bundle / "golden" / "inputs.npz")["x"]
+    results = {}
+    for name, t in manifest["targets"].items():
+        expected = np.load(bundle / "golden" / f"{name}.npz")["y"]
+        model = runner.Model(str(bundle / t["artifact"]), 1)
+        got = np.concatenate([model.run(golden[i:i + 1]) for i in range(len(golden))])
+        a, b = got.reshape(len(got), -1), expected.reshape(len(expected), -1)
+        cos = float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)).min())
+        top1 = float((a.argmax(1) == b.argmax(1)).mean())
+        results[name] = {"max_abs": float(np.abs(a - b).max()), "min_cosine": cos, "top1_agreement": top1}
+        if cos < GOLDEN_MIN_COSINE or top1 < 1.0:
+            raise PipelineError(f"golden outputs differ for target {name}: {results[name]}",
+                                where=str(bundle / t["artifact"]))
+    return {"bundle": str(bundle), "files": len(recorded), "targets": results}
+
+
+def verify(path: str | Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        return verify_dir(path)
+    if path.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            return verify_dir(safe_extract(path, Path(tmp)))
+    raise PipelineError(f"no bundle folder or archive at {path}", where=str(path))
