@@ -103,6 +103,12 @@ def _pkg_version(name: str) -> str | None:
 
 
 def _peak_rss_bytes() -> int:
+    """Peak resident set of this process. VmHWM first: ru_maxrss survives fork+exec, so a runner started
+    from a big parent process (the pipeline, with torch loaded) would report the parent's peak."""
+    status = _read("/proc/self/status") or ""
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
@@ -140,8 +146,26 @@ def latency_stats(times_ms: list[float]) -> dict:
             "unstable": cv > UNSTABLE_CV, "runs": len(t)}
 
 
+RUNTIME_MODULES = {".pte": ("torch", "executorch.runtime"), ".onnx": ("onnxruntime",), ".ort": ("onnxruntime",)}
+
+
+def _import_runtime(path: str) -> None:
+    """Import the runtime before the clock starts: init time measures loading the model, not Python imports."""
+    import importlib
+
+    ext = os.path.splitext(path)[1]
+    for name in RUNTIME_MODULES.get(ext, ()):
+        importlib.import_module(name)
+    if ext == ".tflite":
+        try:
+            importlib.import_module("ai_edge_litert.interpreter")
+        except ImportError:
+            importlib.import_module("tflite_runtime.interpreter")
+
+
 def measure(model_path: str, x: np.ndarray, threads: int = 1, runs: int = 50,
             warmup: int = 5) -> tuple[dict, np.ndarray]:
+    _import_runtime(model_path)
     t0 = time.perf_counter()
     model = Model(model_path, threads)
     init_ms = (time.perf_counter() - t0) * 1e3

@@ -16,8 +16,20 @@ from rich.table import Table
 
 from edge_pipeline.errors import PipelineError
 
-console = Console(stderr=True)
-out = Console()
+# Outside a terminal (CI logs, pipes) rich would wrap tables at 80 columns; use COLUMNS or a wide default.
+_WIDTH = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 200))
+console = Console(stderr=True, width=_WIDTH)
+out = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
+
+# The figures the summary shows per stage (all of them are in run.json).
+SUMMARY_KEYS = {
+    "teacher": ("params", "macs", "test_accuracy"),
+    "prune": ("macs_fraction", "params_after", "val_accuracy_pruned", "val_accuracy_finetuned"),
+    "distill": ("macs_fraction_of_teacher", "test_accuracy", "teacher_test_accuracy", "epochs_run"),
+    "calibrate": ("samples", "pinned"),
+    "device-test": ("float_test_accuracy",),
+    "package": ("tar_bytes",),
+}
 
 
 class RichSink:
@@ -86,10 +98,13 @@ def _print_summary(summary) -> None:
         table.add_column(col)
     for name, s in summary.stages.items():
         m = s.get("metrics", {})
-        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in m.items() if isinstance(v, (int, float))
-                            and not isinstance(v, bool))
+        if name == "lower":
+            figures = ", ".join(f"{t}: {v.get('size_bytes', '-')} B, acc {_fmt(v.get('test_accuracy'))}"
+                                for t, v in m.get("targets", {}).items())
+        else:
+            figures = ", ".join(f"{k}={_fmt(m[k])}" for k in SUMMARY_KEYS.get(name, ()) if k in m)
         secs = s.get("seconds")
-        table.add_row(name, s["status"], "" if secs is None else f"{secs:.1f}", figures[:160])
+        table.add_row(name, s["status"], "" if secs is None else f"{secs:.1f}", figures)
     console.print(table)
     if summary.failed_targets:
         console.print(f"[bold red]targets that failed:[/bold red] {', '.join(summary.failed_targets)}")

@@ -114,7 +114,11 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
     recipe_doc = recipe.model_dump()
     forced_from = 0 if force else (STAGE_NAMES.index(from_stage) if from_stage else None)
 
+    goal = only or until
+    needed = _dependencies(goal) | {goal} if goal else None
     for i, sd in enumerate(STAGES):
+        if needed is not None and sd.name not in needed:
+            continue  # --only / a stage command: stages the goal does not depend on are left alone
         if not sd.enabled(recipe):
             ctx.keys[sd.name] = "disabled"
             summary[sd.name] = {"status": "disabled"}
@@ -162,6 +166,17 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
     return RunSummary(store.dir, summary, doc, failed)
 
 
+def _dependencies(stage: str) -> set[str]:
+    by_name = {s.name: s for s in STAGES}
+    out, todo = set(), list(by_name[stage].deps)
+    while todo:
+        d = todo.pop()
+        if d not in out:
+            out.add(d)
+            todo += by_name[d].deps
+    return out
+
+
 def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, ddp: bool,
                recipe_doc: dict) -> dict:
     progress.note(f"stage {sd.name}: running")
@@ -170,6 +185,10 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
     try:
         with _stage_folder(ctx.store, sd.name, ddp) as tmp:
             metrics = stage_mod.run(ctx, tmp)
+            if sd.name == "calibrate" and inputs.get("set") is None and ctx.recipe.calibrate.set:
+                # The stage has just drawn and pinned the set: key it as the next run will see it.
+                inputs = {**inputs, "set": _pinned_set_hash(ctx.recipe)}
+                key = ctx.keys[sd.name] = ctx.store.cache_key(sd.name, config, inputs)
             rec = {"stage": sd.name, "key": key, "config": config, "inputs": inputs,
                    "seconds": round(time.time() - started, 3), "metrics": metrics}
             (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))

@@ -76,8 +76,8 @@ class CalibrateConfig(_Strict):
 
 class DeviceTestConfig(_Strict):
     enabled: bool = True
-    runs: int = Field(50, ge=1)
-    warmup: int = Field(5, ge=0)
+    runs: int = Field(100, ge=1)
+    warmup: int = Field(10, ge=0)
     threads: int | None = Field(None, ge=1)  # None: each target profile's own thread count
     timeout_s: float = Field(300, gt=0)
 

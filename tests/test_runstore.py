@@ -58,3 +58,25 @@ def test_sigkill_mid_run_leaves_no_partial_stage_and_resumes(write_recipe, tmp_p
     assert not checkpoint.exists(), "the resume checkpoint is removed once the stage completes"
     assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name], "temporary folders are cleaned up"
     assert (run_dir / "02-distill" / "stage.json").exists()
+
+
+def test_pinned_set_is_drawn_once_then_reused_without_rerunning_downstream(write_recipe, tmp_path):
+    pinned = tmp_path / "calibration" / "set"
+    path = write_recipe(targets=["ort-mobile-fp32"], calibrate={"set": str(pinned), "samples": 32},
+                        device_test={"enabled": False}, package={"enabled": False})
+    first = run(path, until="calibrate")
+    assert set(first.stages) == {"calibrate"}, "calibrate needs no teacher"
+    assert pinned.with_suffix(".npz").is_file() and pinned.with_suffix(".json").is_file()
+    again = run(path, until="calibrate")
+    assert again.stages["calibrate"]["status"] == "reused"
+    # Editing the pinned set changes the key: calibrate runs again and refuses the tampered file.
+    import numpy as np
+
+    with np.load(pinned.with_suffix(".npz")) as z:
+        np.savez(pinned.with_suffix(".npz"), x=z["x"] * 0.5, y=z["y"])
+    import pytest
+
+    from edge_pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="does not match the sha256"):
+        run(path, until="calibrate")
