@@ -88,7 +88,8 @@ def test_corrupt_artifact_fails_alone_and_unreachable_host_is_an_error(lowered, 
     shutil.copytree(out, broken)
     (broken / metrics["targets"]["tflite-fp32"]["artifact"]).write_bytes(b"not a flatbuffer")
     res = _test((broken, metrics, profiles), digits, ["local"])
-    assert "error" in res["results"]["tflite-fp32"]["local"] and "model.tflite" in res["results"]["tflite-fp32"]["local"]["error"]
+    broken_result = res["results"]["tflite-fp32"]["local"]
+    assert "error" in broken_result and "model.tflite" in broken_result["error"]
     assert "error" not in res["results"]["ort-mobile-fp32"]["local"], "the other target is still measured"
     # Nothing listens on port 1: the device fails at connect, with the device named, and nothing hangs.
     spec = "ssh://nobody@127.0.0.1:1?key=/nonexistent"

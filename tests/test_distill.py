@@ -84,7 +84,8 @@ def test_two_process_gloo_ddp_matches_single_process_layout(write_recipe, tmp_pa
                           "--run-id", "two"], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one, two = (tmp_path / "runs" / "tiny" / r for r in ("one", "two"))
-    assert sorted(p.name for p in (one / "02-distill").iterdir()) == sorted(p.name for p in (two / "02-distill").iterdir())
+    files = [sorted(p.name for p in (r / "02-distill").iterdir()) for r in (one, two)]
+    assert files[0] == files[1]
     m1 = json.loads((one / "run.json").read_text())["stages"]["distill"]["metrics"]
     m2 = json.loads((two / "run.json").read_text())["stages"]["distill"]["metrics"]
     assert m1["world_size"] == 1 and m2["world_size"] == 2

@@ -59,7 +59,7 @@ def test_ssh_results_equal_local_results(sshd, lowered, digits):  # noqa: F811
     d, port = sshd
     spec = _spec(d, port)
     res = _test(lowered, digits, ["local", spec])
-    for target, by_device in res["results"].items():
+    for by_device in res["results"].values():
         local, remote = by_device["local"], by_device[spec]
         assert "error" not in remote, remote
         assert remote["test_accuracy"] == local["test_accuracy"]
