@@ -145,7 +145,7 @@ def _quant_sensitivity(targets: dict) -> str | None:
         layers = list(s)
         ax.bar([j + i * 0.25 for j in range(len(layers))], [s[n] for n in layers], width=0.25, label=t)
         ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("val accuracy drop, only this layer int8")
+    ax.set_ylabel("val accuracy recovered,\nonly this layer float")
     ax.legend(fontsize=7)
     return _figure("Per-layer quantization sensitivity", fig)
 
@@ -165,6 +165,21 @@ def _coverage_table(targets: dict) -> str:
             + "".join(rows) + "</table>")
 
 
+def _methods_table(lower_metrics: dict) -> str:
+    cmp = lower_metrics.get("calibration_methods_on_teacher")
+    if not cmp:
+        return ""
+    methods = sorted({m for by in cmp["by_backend"].values() for m in by})
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
+    rows = []
+    for backend, by in cmp["by_backend"].items():
+        cells = "".join(f"<td>{by[m]['test_accuracy']:.4f}</td>" if m in by else "<td></td>" for m in methods)
+        rows.append(f"<tr><td>{html.escape(backend)}</td>{cells}</tr>")
+    return (f"<h2>Calibration methods on the teacher (test accuracy; float {cmp['float_test_accuracy']:.4f})</h2>"
+            f"<p>'default' is the backend's own quantizer with its default settings.</p>"
+            f"<table><tr><th>backend</th>{head}</tr>{''.join(rows)}</table>")
+
+
 def write_report(run_dir: Path, dest: Path) -> Path:
     run_dir = Path(run_dir)
     lower = find_stage(run_dir, "lower")
@@ -177,7 +192,8 @@ def write_report(run_dir: Path, dest: Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img.plot{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}</style></head>
-<body><h1>{html.escape(title)}</h1>{''.join(sections)}<h2>Operator coverage</h2>{_coverage_table(targets)}
+<body><h1>{html.escape(title)}</h1>{''.join(sections)}{_methods_table(lower[1]["metrics"] if lower else {})}
+<h2>Operator coverage</h2>{_coverage_table(targets)}
 <script>
 window.addEventListener('load', () => {{
   const imgs = [...document.querySelectorAll('img.plot')];

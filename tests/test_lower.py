@@ -82,3 +82,40 @@ def test_runner_measures_latency_and_outputs(digits, tmp_path):
     assert lat["runs"] == 10 and lat["p50_ms"] > 0 and lat["p50_ms"] <= lat["p99_ms"]
     assert stats["conditions"]["threads"] == 1 and stats["peak_rss_bytes"] > 0
     np.testing.assert_allclose(outputs, model(torch.from_numpy(digits.test.x[:10])).detach().numpy(), atol=1e-4)
+
+
+class OutlierMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+@pytest.mark.slow
+def test_accuracy_aware_fallback_keeps_the_sensitive_layer_in_float(digits, tmp_path):
+    """fc1 gets a huge weight on a pixel that is 0 in every digit: the float model is unchanged, but int8
+    weight scales are ruined for fc1. The fallback must find fc1 and keep it in float; TFLite, which cannot
+    mix precisions, must say so and report the miss."""
+    assert (digits.train.x[:, 0, 0, 0] == 0).all() and (digits.test.x[:, 0, 0, 0] == 0).all()
+    model = fit(OutlierMLP(), digits.train, epochs=15, lr=5e-3)
+    with torch.no_grad():
+        model.fc1.weight[:, 0] = 1e4
+
+    def with_budget(name):
+        p = load_profile(name)
+        return p.model_copy(update={"budgets": p.budgets.model_copy(update={"max_accuracy_drop": 0.02})})
+
+    result = lower_all(model, [with_budget("executorch-xnnpack-int8"), with_budget("tflite-int8")], digits,
+                       digits.train.x[:128], tmp_path, sensitivity=True)
+    t = result["targets"]["executorch-xnnpack-int8"]
+    assert t["float_layers"] == ["fc1"], t.get("layer_sensitivity")
+    assert t["layer_sensitivity"]["fc1"] > 0.5 > t["layer_sensitivity"]["fc2"]
+    assert t["fallback"]["all_int8"]["val_accuracy"] < result["float"]["val_accuracy"] - 0.02
+    assert t["fallback"]["size_cost_bytes"] > 0
+    assert result["float"]["val_accuracy"] - t["val_accuracy"] <= 0.02 and not t["failures"]
+    tfl = result["targets"]["tflite-int8"]
+    assert "cannot keep layers in float" in tfl["fallback"]["unsupported"]
+    assert tfl["failures"] and "tflite-int8" in result["failed_targets"]

@@ -23,10 +23,12 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
         get_symmetric_quantization_config,
     )
 
-    base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel)
-    q = XNNPACKQuantizer().set_global(base if default else pt2e.configure(base, profile))
-    for name in float_layers:
-        q.set_module_name(name, None)  # keep this layer in float
+    if default:  # the quantizer's own defaults, as its documentation calls it
+        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
+    else:
+        base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel)
+        q = XNNPACKQuantizer().set_global(pt2e.configure(base, profile))
+    pt2e.keep_float(q, float_layers)
     return q
 
 

@@ -48,6 +48,13 @@ def quantize(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, q
     return convert_pt2e(gm, fold_quantize=fold_quantize)
 
 
-def module_names_in(model: nn.Module, names) -> list[str]:
-    mods = dict(model.named_modules())
-    return [n for n in names if n in mods]
+def keep_float(quantizer, layers) -> None:
+    """Keep these modules in float: the accuracy-aware fallback.
+
+    Both quantizers (XNNPACK's and litert-torch's) annotate a module named in ``module_name_config`` with its
+    own config, skip it when that config is None, and leave it out of the global config. Their
+    ``set_module_name(name, None)`` still asserts "None is not supported yet" in these versions, so the
+    entry is set directly.
+    """
+    for name in layers:
+        quantizer.module_name_config[name] = None

@@ -15,6 +15,9 @@ from edge_pipeline.targets import Profile
 
 SUFFIX = ".tflite"
 RUNTIME = "ai_edge_litert"
+# Checked with litert-torch 0.10.0: layers left out of the PT2E annotation still came out int8-broken (an
+# MLP with both layers kept float scored as the all-int8 model), so no per-layer float fallback here.
+MIXED_PRECISION = False
 
 
 def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, profile: Profile, out_dir: Path,
@@ -30,10 +33,13 @@ def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, pro
             raise PipelineError("litert-torch's PT2E int8 conversion gives int8 inputs and outputs",
                                 where=f"target profile {profile.name}: io",
                                 hint="use io: int8 (the runner and describe give the scale and zero point)")
-        base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_dynamic=False)
-        q = PT2EQuantizer().set_global(base if default_flow else pt2e.configure(base, profile))
-        for name in float_layers:
-            q.set_module_name(name, None)
+        if default_flow:  # the quantizer's own defaults
+            q = PT2EQuantizer().set_global(get_symmetric_quantization_config())
+        else:
+            base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel,
+                                                     is_dynamic=False)
+            q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
+        pt2e.keep_float(q, float_layers)
         gm = pt2e.quantize(model, example, calibration, q, fold_quantize=False)
         edge = litert_torch.convert(gm, (example,), quant_config=QuantConfig(pt2e_quantizer=q))
     else:

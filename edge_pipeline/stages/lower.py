@@ -77,7 +77,7 @@ def _quant_layers(model: nn.Module) -> list[str]:
 
 
 def lower_target(model: nn.Module, profile: Profile, data: Splits, calibration: np.ndarray, out: Path,
-                 float_metrics: dict, reference_test: np.ndarray) -> dict:
+                 float_metrics: dict, reference_test: np.ndarray, sensitivity: bool = False) -> dict:
     """Export one target (with the float fallback when its accuracy budget is missed) and check it."""
     backend = get_backend(profile.backend)
     example = torch.from_numpy(data.test.x[:1])
@@ -91,26 +91,38 @@ def lower_target(model: nn.Module, profile: Profile, data: Splits, calibration: 
         return path, evaluate(path, data, reference_test, golden_ref, profile)
 
     path, metrics = build(())
+    labelled = "val_accuracy" in metrics
+    int8 = profile.precision == "int8"
+    mixed = getattr(backend, "MIXED_PRECISION", True)
+    ranking = (layer_sensitivity(model, profile, data, calibration, example, metrics["val_accuracy"])
+               if int8 and labelled and sensitivity and mixed else None)
     drop_budget = profile.budgets.max_accuracy_drop
     float_layers: list[str] = []
-    if profile.precision == "int8" and drop_budget is not None and "val_accuracy" in metrics:
-        sensitivity = None
+    all_int8 = {k: metrics[k] for k in ("size_bytes", "val_accuracy") if k in metrics}
+    if int8 and labelled and drop_budget is not None and not mixed:
+        if float_metrics["val_accuracy"] - metrics["val_accuracy"] > drop_budget:
+            metrics["fallback"] = {"unsupported": f"backend {profile.backend} cannot keep layers in float; "
+                                                  "the miss is reported as is"}
+    elif int8 and labelled and drop_budget is not None:
+        # Accuracy-aware fallback, decided on the validation split: most sensitive layers back to float.
         while float_metrics["val_accuracy"] - metrics["val_accuracy"] > drop_budget:
             if len(float_layers) >= profile.quantization.max_float_layers:
                 metrics["fallback_exhausted"] = True
                 break
-            if sensitivity is None:
-                sensitivity = layer_sensitivity(model, profile, data, calibration, example)
-                metrics["layer_sensitivity"] = sensitivity
-            rest = [n for n in sorted(sensitivity, key=sensitivity.get, reverse=True) if n not in float_layers]
+            ranking = ranking or layer_sensitivity(model, profile, data, calibration, example,
+                                                   all_int8["val_accuracy"])
+            rest = [n for n in sorted(ranking, key=ranking.get, reverse=True) if n not in float_layers]
             if not rest:
                 break
             float_layers.append(rest[0])
             progress.note(f"{profile.name}: keeping '{rest[0]}' in float (val accuracy "
                           f"{metrics['val_accuracy']:.4f} misses the budget)")
-            path, new = build(tuple(float_layers))
-            new["layer_sensitivity"] = metrics.get("layer_sensitivity")
-            metrics = new
+            path, metrics = build(tuple(float_layers))
+    if ranking:
+        metrics["layer_sensitivity"] = ranking
+    if float_layers:
+        metrics["fallback"] = {"float_layers": float_layers, "all_int8": all_int8,
+                               "size_cost_bytes": metrics["size_bytes"] - all_int8["size_bytes"]}
     metrics["float_layers"] = float_layers
     metrics["artifact"] = str(path.relative_to(out))
     metrics["describe"] = backend.describe(path)
@@ -120,20 +132,22 @@ def lower_target(model: nn.Module, profile: Profile, data: Splits, calibration: 
     return metrics
 
 
-def layer_sensitivity(model, profile, data, calibration, example) -> dict[str, float]:
-    """Validation accuracy lost when only this layer is quantized (every other layer kept in float)."""
+def layer_sensitivity(model, profile, data, calibration, example, all_int8_val: float) -> dict[str, float]:
+    """Per layer: the validation accuracy recovered when this layer alone stays in float (leave-one-out).
+
+    That is the error this layer adds to the int8 model, and exactly what the fallback can buy back. (Quantizing
+    a layer alone can look harmless while the same layer breaks the all-int8 model, so that is not used.)
+    """
+    import tempfile
+
     backend = get_backend(profile.backend)
     layers = _quant_layers(model)
     out: dict[str, float] = {}
-    base = top1(predict(model, data.val.x), data.val.y)
-    import tempfile
-
     with progress.task(f"{profile.name}: layer sensitivity", total=len(layers)) as t:
         for name in layers:
             with tempfile.TemporaryDirectory() as tmp:
-                path = backend.export(model, example, calibration, profile, Path(tmp),
-                                      float_layers=tuple(n for n in layers if n != name))
-                out[name] = base - top1(run_artifact(path, data.val.x), data.val.y)
+                path = backend.export(model, example, calibration, profile, Path(tmp), float_layers=(name,))
+                out[name] = top1(run_artifact(path, data.val.x), data.val.y) - all_int8_val
             t.advance()
     return out
 
@@ -149,7 +163,8 @@ def budget_failures(profile: Profile, m: dict, float_metrics: dict) -> list[str]
     return fails
 
 
-def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibration: np.ndarray, out: Path) -> dict:
+def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibration: np.ndarray, out: Path,
+              sensitivity: bool = False) -> dict:
     reference_test = predict(model, data.test.x)
     float_metrics = {}
     if data.val.y is not None:
@@ -160,7 +175,7 @@ def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibrati
         for profile in profiles:
             t.advance(0, f"lowering {profile.name}")
             try:
-                m = lower_target(model, profile, data, calibration, out, float_metrics, reference_test)
+                m = lower_target(model, profile, data, calibration, out, float_metrics, reference_test, sensitivity)
             except PipelineError as e:
                 m = {"error": str(e), "failures": [str(e)]}
             except Exception as e:  # a backend refusing the model fails this target only
@@ -176,11 +191,46 @@ def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibrati
     return {"float": float_metrics, "targets": targets, "failed_targets": failed}
 
 
+METHODS = {"executorch": ("minmax", "moving_average", "histogram"), "tflite": ("minmax", "moving_average", "histogram"),
+           "onnxruntime": ("minmax", "moving_average", "percentile", "entropy")}
+
+
+def compare_methods(model: nn.Module, profiles: list[Profile], data: Splits, calibration: np.ndarray) -> dict:
+    """Accuracy of each calibration method per int8 backend, beside the backend's own default flow."""
+    import tempfile
+
+    example = torch.from_numpy(data.test.x[:1])
+    out: dict[str, dict] = {}
+    backends = {p.backend: p for p in profiles if p.precision == "int8"}
+    runs = [(b, m) for b, p in backends.items() for m in (*METHODS[b], "default")]
+    with progress.task("comparing calibration methods", total=len(runs)) as t:
+        for backend, method in runs:
+            profile = backends[backend]
+            if method != "default":
+                profile = profile.model_copy(update={"quantization": profile.quantization.model_copy(
+                    update={"method": method})})
+            with tempfile.TemporaryDirectory() as tmp:
+                path = get_backend(backend).export(model, example, calibration, profile, Path(tmp),
+                                                   default_flow=method == "default")
+                val, test = run_artifact(path, data.val.x), run_artifact(path, data.test.x)
+                out.setdefault(backend, {})[method] = {"val_accuracy": top1(val, data.val.y),
+                                                       "test_accuracy": top1(test, data.test.y),
+                                                       "size_bytes": path.stat().st_size}
+            t.advance()
+    return out
+
+
 def run(ctx, out: Path) -> dict:
     model, _ = load_model(ctx.model_dir() / "model.pt")
     calibration = np.load(ctx.stage_dir("calibrate") / "calibration.npz")["x"]
     profiles = [load_profile(t) for t in ctx.recipe.targets]
-    result = lower_all(model, profiles, ctx.data, calibration, out)
+    result = lower_all(model, profiles, ctx.data, calibration, out, ctx.recipe.calibrate.sensitivity
+                       and ctx.data.val.y is not None)
+    if ctx.recipe.calibrate.compare_methods and ctx.data.val.y is not None:
+        teacher, _ = load_model(ctx.stage_dir("teacher") / "model.pt")
+        result["calibration_methods_on_teacher"] = {
+            "float_test_accuracy": top1(predict(teacher, ctx.data.test.x), ctx.data.test.y),
+            "by_backend": compare_methods(teacher, profiles, ctx.data, calibration)}
     np.savez(out / "golden.npz", x=ctx.data.test.x[:GOLDEN_SAMPLES],
              y=predict(model, ctx.data.test.x[:GOLDEN_SAMPLES]))
     (out / "targets.json").write_text(json.dumps(result["targets"], indent=1, default=str))
