@@ -284,6 +284,21 @@ def report_command(run_dir, dest):
     out.print(f"report: {path}")
 
 
+@main.command("bench")
+@click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_md", default="BENCHMARKS.md", show_default=True, help="Markdown table (JSON beside it).")
+@handle_errors
+def bench_command(recipes, out_md):
+    """Teacher fp32 vs each backend's default int8 flow vs the pipeline, measured in one run."""
+    from pathlib import Path
+
+    from edge_pipeline.bench import bench
+
+    with _stdout_to_stderr():
+        _with_progress(lambda: bench(list(recipes), Path(out_md)))
+    out.print(Path(out_md).read_text())
+
+
 @main.command()
 @handle_errors
 def targets():
