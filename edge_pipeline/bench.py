@@ -77,7 +77,7 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
                    f"threads_{cores}": _measure(artifact, data, teacher_test, cores)}
             backends.setdefault(backend, {})[variant] = row
             task.advance()
-    for backend, v in backends.items():
+    for v in backends.values():
         base = v["fp32_teacher"]
         for variant in ("default_int8_teacher", "pipeline_int8"):
             v[variant]["ratio_to_fp32"] = {

@@ -55,3 +55,27 @@ def test_set_labelled_as_drawn_from_test_split_is_refused(digits, tmp_path):
     base.with_suffix(".json").write_text(json.dumps(prov))
     with pytest.raises(PipelineError, match="drawn from the 'test' split"):
         load_set(base, digits)
+
+
+@pytest.mark.parametrize("backend, method", [("executorch", "entropy"), ("tflite", "percentile")])
+def test_method_a_backend_cannot_do_is_an_error_naming_both(backend, method):
+    from edge_pipeline.backends.pt2e import activation_observer
+
+    with pytest.raises(PipelineError, match=f"calibration method '{method}' is not available for backend "
+                                            f"'{backend}'") as e:
+        activation_observer(method, backend)
+    assert "histogram" in e.value.hint
+
+
+def test_ort_refuses_histogram(digits, tmp_path):
+    import torch
+
+    from edge_pipeline.backends import onnxruntime as ort_backend
+    from edge_pipeline.sources import build_model
+    from edge_pipeline.targets import load_profile
+
+    p = load_profile("ort-mobile-int8")
+    p = p.model_copy(update={"quantization": p.quantization.model_copy(update={"method": "histogram"})})
+    model = build_model("zoo:digits-cnn", 10, 1, width=0.25).eval()
+    with pytest.raises(PipelineError, match="'histogram' is not available for backend 'onnxruntime'"):
+        ort_backend.export(model, torch.from_numpy(digits.test.x[:1]), digits.train.x[:4], p, tmp_path)

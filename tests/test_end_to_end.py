@@ -172,3 +172,26 @@ def test_report_renders_every_plot_in_headless_chromium(digits_run, tmp_path):
     rendered = re.search(r'data-rendered="(\d+)"', res.stdout)
     assert plots and rendered, res.stdout[:500]
     assert int(plots.group(1)) >= 4 and plots.group(1) == rendered.group(1)
+
+
+@pytest.mark.slow
+def test_test_command_measures_and_runs_the_acceptance_suite(digits_run):
+    _, doc, _ = digits_run
+    res = run_cli("test", doc["run_dir"], "--device", "local", "--runs", "5", "--warmup", "1", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "6 passed" in res.stdout, res.stdout[-2000:]
+    results = json.loads((Path(doc["run_dir"]) / "device-results.json").read_text())
+    assert set(results["results"]) == set(doc["stages"]["lower"]["metrics"]["targets"])
+
+
+@pytest.mark.slow
+def test_acceptance_suite_fails_a_target_over_its_budget(digits_run, tmp_path):
+    _, doc, _ = digits_run
+    results = json.loads((Path(doc["run_dir"]) / "device-results.json").read_text())
+    results["results"]["tflite-int8"]["local"]["test_accuracy"] = 0.5  # as if the device had got it wrong
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps(results))
+    suite = ROOT / "device_tests"
+    res = subprocess.run([os.sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite),
+                          "--rootdir", str(suite), "--results", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 1 and "1 failed, 5 passed" in res.stdout and "accuracy drop" in res.stdout

@@ -56,6 +56,33 @@ class WithMysteryOp(nn.Module):
         return self.fc(mystery(self.conv(x)).mean((2, 3)))
 
 
+class WithSort(nn.Module):
+    """torch.sort lowers and runs in ONNX Runtime; ExecuTorch's runtime has no portable sort kernel (the
+    program exports, then fails to load) and LiteRT's runtime has no STABLEHLO_SORT kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.sort(self.conv(x), dim=-1).values.mean((2, 3)))
+
+
+@pytest.mark.slow
+def test_op_some_backends_cannot_take_fails_only_those_with_the_op_named(digits, tmp_path):
+    profiles = [load_profile(p) for p in ("executorch-xnnpack-fp32", "ort-mobile-fp32", "tflite-fp32")]
+    result = lower_all(WithSort().eval(), profiles, digits, digits.train.x[:8], tmp_path)
+    assert result["failed_targets"] == ["executorch-xnnpack-fp32", "tflite-fp32"]
+    tfl = result["targets"]["tflite-fp32"]
+    assert "SORT" in tfl["error"] and tfl["where"] == "op aten.sort.default in module '(top level)'"
+    assert "sort" in result["targets"]["executorch-xnnpack-fp32"]["where"]
+    for name in result["failed_targets"]:
+        assert not (tmp_path / name).exists(), "a failed target leaves no folder that looks complete"
+    ort = result["targets"]["ort-mobile-fp32"]
+    assert ort["parity_ok"] and (tmp_path / ort["artifact"]).is_file()
+
+
 @pytest.mark.slow
 def test_unsupported_op_fails_its_target_with_the_op_named_and_others_still_run(digits, tmp_path):
     profiles = [load_profile(p) for p in ("ort-mobile-fp32", "tflite-fp32", "executorch-xnnpack-fp32")]

@@ -36,22 +36,29 @@ def run_artifact(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
 
 
 def locate_failure(model: nn.Module, example: torch.Tensor, err: BaseException) -> tuple[str, str | None]:
-    """The op a backend refused and the module it sits in, found in the exported graph where possible."""
+    """The op a backend refused and the module it sits in, found by matching the exported graph's ops
+    against the error text (e.g. 'STABLEHLO_SORT' names aten.sort, 'edgetest::mystery' a custom op)."""
     text = f"{type(err).__name__}: {err}"
     try:
         ep = torch.export.export(model, (example,))
-    except Exception:
+    except Exception:  # noqa: BLE001 - the model may not export at all; then the message is all we have
         return text, None
+    best = None
     for node in ep.graph.nodes:
         if node.op != "call_function":
             continue
-        op = str(node.target)
-        short = op.split(".")[0] if "::" in op else op
-        names = {op, short, op.replace("::", "."), op.split("::")[-1].split(".")[0]}
-        if any(n and n in text for n in names) and not op.startswith("aten."):
-            stack = node.meta.get("nn_module_stack") or {}
-            where = list(stack.values())[-1][0] if stack else node.name
-            return text, f"op {op} in module '{where}'"
+        op = str(node.target)  # aten.sort.default, edgetest.mystery.default
+        parts = op.replace("::", ".").split(".")
+        namespace, base = parts[0], parts[1] if len(parts) > 1 else parts[0]
+        names = [op, base] if namespace == "aten" else [op, base, f"{namespace}::{base}"]
+        if any(re.search(rf"(?<![A-Za-z]){re.escape(n)}(?![A-Za-z])", text, re.IGNORECASE) for n in names if n):
+            if best is None or len(base) > len(best[1]):
+                best = (node, base, op)
+    if best is not None:
+        node, _, op = best
+        stack = node.meta.get("nn_module_stack") or {}
+        where = list(stack.values())[-1][0] if stack else node.name
+        return text, f"op {op} in module '{where or '(top level)'}'"
     m = re.search(r"([A-Za-z_]+::[A-Za-z_0-9.]+|aten\.[A-Za-z_0-9.]+)", text)
     return text, f"op {m.group(1)}" if m else None
 
@@ -180,6 +187,12 @@ def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibrati
                 m = {"error": str(e), "failures": [str(e)]}
             except Exception as e:  # a backend refusing the model fails this target only
                 text, where = locate_failure(model, torch.from_numpy(data.test.x[:1]), e)
+                described = out / profile.name / "describe.json"
+                if where is None and described.is_file():
+                    # Exported but would not load (e.g. ExecuTorch's "error 0x14", an operator missing from
+                    # the runtime): the ops that ran outside the delegate are the suspects.
+                    outside = json.loads(described.read_text()).get("portable_ops")
+                    where = f"ops outside the delegate: {', '.join(outside)}" if outside else None
                 m = {"error": f"cannot lower to {profile.backend}: {text.splitlines()[0][:400]}", "where": where,
                      "failures": [f"lowering failed{' at ' + where if where else ''}"],
                      "traceback": traceback.format_exc()[-2000:]}
