@@ -27,6 +27,8 @@ class StageDef:
     deps: tuple[str, ...]
     config: Callable[[Recipe], Any]
     enabled: Callable[[Recipe], bool] = lambda r: True
+    # What the stage reads from outside the run folder (data, pinned files), hashed into its cache key.
+    external: Callable[[Context], dict] = lambda ctx: {}
 
 
 def _lower_config(r: Recipe) -> dict:
@@ -37,12 +39,14 @@ def _lower_config(r: Recipe) -> dict:
 
 STAGES: list[StageDef] = [
     StageDef("teacher", "teacher", (), lambda r: {"model": r.model, "weights": r.weights, "data": r.data,
-                                                   "train": r.train.model_dump()}),
+                                                   "train": r.train.model_dump()},
+             external=lambda ctx: {"data": ctx.data_fingerprint}),
     StageDef("prune", "prune", ("teacher",), lambda r: r.prune.model_dump(), lambda r: r.prune.enabled),
     StageDef("distill", "distill", ("teacher", "prune"), lambda r: r.distill.model_dump(),
              lambda r: r.distill.enabled),
     StageDef("calibrate", "calibrate", (), lambda r: {"data": r.data, **r.calibrate.model_dump()},
-             lambda r: any(t for t in r.targets)),
+             lambda r: any(t for t in r.targets),
+             external=lambda ctx: {"data": ctx.data_fingerprint, "set": _pinned_set_hash(ctx.recipe)}),
     StageDef("lower", "lower", ("teacher", "prune", "distill", "calibrate"), _lower_config,
              lambda r: bool(r.targets)),
     StageDef("device-test", "device_test", ("teacher", "lower"),
@@ -69,6 +73,10 @@ class Context:
         from edge_pipeline.sources import load_data
 
         return load_data(self.recipe.data, where=f"{self.recipe_path}: data")
+
+    @cached_property
+    def data_fingerprint(self) -> str:
+        return self.data.fingerprint()
 
     def stage_dir(self, stage: str) -> Path | None:
         """The folder of an earlier, enabled stage, or None where that stage is disabled."""
@@ -124,11 +132,7 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
             summary[sd.name] = {"status": "disabled"}
             continue
         config = sd.config(recipe)
-        inputs = {d: ctx.keys[d] for d in sd.deps}
-        if sd.name in ("teacher", "calibrate"):
-            inputs["data"] = ctx.data.fingerprint()
-        if sd.name == "calibrate":
-            inputs["set"] = _pinned_set_hash(recipe)
+        inputs = {d: ctx.keys[d] for d in sd.deps} | sd.external(ctx)
         key = store.cache_key(sd.name, config, inputs)
         ctx.keys[sd.name] = key
         if only is not None and sd.name != only and not store.is_current(sd.name, key):
@@ -185,10 +189,12 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
     try:
         with _stage_folder(ctx.store, sd.name, ddp) as tmp:
             metrics = stage_mod.run(ctx, tmp)
-            if sd.name == "calibrate" and inputs.get("set") is None and ctx.recipe.calibrate.set:
-                # The stage has just drawn and pinned the set: key it as the next run will see it.
-                inputs = {**inputs, "set": _pinned_set_hash(ctx.recipe)}
-                key = ctx.keys[sd.name] = ctx.store.cache_key(sd.name, config, inputs)
+            after = inputs | sd.external(ctx)
+            if after != inputs:
+                # The stage wrote one of its own inputs (calibrate pinning a new set): key it as the next
+                # run will see it, so that run reuses the stage.
+                inputs, key = after, ctx.store.cache_key(sd.name, config, after)
+                ctx.keys[sd.name] = key
             rec = {"stage": sd.name, "key": key, "config": config, "inputs": inputs,
                    "seconds": round(time.time() - started, 3), "metrics": metrics}
             (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
