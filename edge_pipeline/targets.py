@@ -41,6 +41,19 @@ class Budgets(_Strict):
     max_accuracy_drop: float | None = Field(0.01, ge=0)  # vs the float model it came from, test split
     parity: ParityTolerance = ParityTolerance()
 
+    def violations(self, size_bytes: int | None = None, accuracy_drop: float | None = None,
+                   p50_ms: float | None = None) -> list[str]:
+        """Each budget these figures miss, as a sentence; a figure given as None is not checked."""
+        out = []
+        if self.max_size_bytes and size_bytes is not None and size_bytes > self.max_size_bytes:
+            out.append(f"size {size_bytes} B > max_size_bytes {self.max_size_bytes}")
+        if self.max_latency_ms and p50_ms is not None and p50_ms > self.max_latency_ms:
+            out.append(f"p50 latency {p50_ms:.3f} ms > max_latency_ms {self.max_latency_ms}")
+        if (self.max_accuracy_drop is not None and accuracy_drop is not None
+                and accuracy_drop > self.max_accuracy_drop + 1e-9):
+            out.append(f"accuracy drop {accuracy_drop:.4f} > max_accuracy_drop {self.max_accuracy_drop}")
+        return out
+
 
 class Profile(_Strict):
     name: str

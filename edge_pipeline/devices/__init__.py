@@ -59,6 +59,23 @@ class DeviceError(PipelineError):
         self.step = step
 
 
+def run_tool(argv: list[str], timeout: float, device: str, step: str, *, cwd: Path | None = None,
+             dropped=lambda res: False, hint: str | None = None,
+             missing_hint: str | None = None) -> subprocess.CompletedProcess:
+    """Run a host tool (the runner, ssh, scp, adb) with a timeout, once more when ``dropped(result)`` says the
+    connection fell; a missing tool or a timeout becomes a DeviceError naming the device and the step."""
+    for attempt in (1, 2):
+        try:
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        except FileNotFoundError:
+            raise DeviceError(device, step, f"{argv[0]} is not installed", hint=missing_hint) from None
+        except subprocess.TimeoutExpired:
+            raise DeviceError(device, step, f"no answer within {timeout:.0f}s (killed)", hint=hint) from None
+        if attempt == 2 or not dropped(res):
+            return res
+    raise AssertionError("unreachable")
+
+
 class LocalDevice:
     """This host: a temporary folder and a fresh subprocess per run."""
 
@@ -75,11 +92,8 @@ class LocalDevice:
         return str(self.workdir / name)
 
     def run(self, argv: list[str], step: str) -> tuple[int, str, str]:
-        try:
-            res = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout, cwd=self.workdir)
-        except subprocess.TimeoutExpired:
-            raise DeviceError(self.spec.spec, step, f"no answer within {self.timeout:.0f}s (killed)",
-                              hint="raise device_test.timeout_s, or look for a runner that hangs") from None
+        res = run_tool(argv, self.timeout, self.spec.spec, step, cwd=self.workdir,
+                       hint="raise device_test.timeout_s, or look for a runner that hangs")
         return res.returncode, res.stdout, res.stderr
 
     def pull(self, name: str, dest: Path) -> None:
@@ -115,14 +129,9 @@ class SSHDevice:
         self._call(self.ssh + ["--", "mkdir", "-p", self.workdir], "connect")
 
     def _call(self, argv: list[str], step: str) -> tuple[int, str, str]:
-        for attempt in (1, 2):  # one retry when the connection drops
-            try:
-                res = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout)
-            except subprocess.TimeoutExpired:
-                raise DeviceError(self.spec.spec, step, f"no answer within {self.timeout:.0f}s (killed)",
-                                  hint="check the board is up; raise device_test.timeout_s") from None
-            if res.returncode != SSH_DROPPED or attempt == 2:
-                break
+        res = run_tool(argv, self.timeout, self.spec.spec, step, dropped=lambda r: r.returncode == SSH_DROPPED,
+                       hint="check the board is up; raise device_test.timeout_s",
+                       missing_hint="install an OpenSSH client (Debian: openssh-client)")
         if res.returncode == SSH_DROPPED:
             raise DeviceError(self.spec.spec, step, res.stderr or "ssh could not connect",
                               hint="check host, port, user and key (ssh://user@host:port?key=PATH)")

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import re
 import shlex
-import subprocess
 from pathlib import Path
 
-from edge_pipeline.devices import DeviceError, DeviceSpec
+from edge_pipeline.devices import DeviceError, DeviceSpec, run_tool
 
 REMOTE_ROOT = "/data/local/tmp/edge-pipeline"
 
@@ -94,16 +93,9 @@ class ADBDevice:
         self._call([*self.adb, "shell", "mkdir", "-p", REMOTE_ROOT], "mkdir")
 
     def _call(self, argv: list[str], step: str) -> tuple[int, str, str]:
-        for attempt in (1, 2):  # one retry when the connection drops
-            try:
-                res = subprocess.run(argv, capture_output=True, text=True, timeout=self.timeout)
-            except FileNotFoundError:
-                raise DeviceError(self.spec.spec, step, "adb is not installed",
-                                  hint="install Android platform tools (Debian: adb)") from None
-            except subprocess.TimeoutExpired:
-                raise DeviceError(self.spec.spec, step, f"no answer within {self.timeout:.0f}s") from None
-            if "device offline" not in res.stderr and "no devices" not in res.stderr or attempt == 2:
-                return res.returncode, res.stdout, res.stderr
+        res = run_tool(argv, self.timeout, self.spec.spec, step,
+                       dropped=lambda r: "device offline" in r.stderr or "no devices" in r.stderr,
+                       missing_hint="install Android platform tools (Debian: adb)")
         return res.returncode, res.stdout, res.stderr
 
     def push(self, files: list[Path]) -> None:

@@ -48,16 +48,8 @@ def accuracy_figures(outputs: np.ndarray, labels: np.ndarray | None, teacher: np
 
 
 def check_budgets(profile: Profile, m: dict, reference_accuracy: float | None) -> list[str]:
-    b, fails = profile.budgets, []
-    if b.max_size_bytes and m["size_bytes"] > b.max_size_bytes:
-        fails.append(f"size {m['size_bytes']} > {b.max_size_bytes}")
-    if b.max_latency_ms and m["latency"]["p50_ms"] > b.max_latency_ms:
-        fails.append(f"p50 latency {m['latency']['p50_ms']:.3f} ms > {b.max_latency_ms} ms")
-    if b.max_accuracy_drop is not None and reference_accuracy is not None and "test_accuracy" in m:
-        drop = reference_accuracy - m["test_accuracy"]
-        if drop > b.max_accuracy_drop + 1e-9:
-            fails.append(f"accuracy drop {drop:.4f} > {b.max_accuracy_drop}")
-    return fails
+    drop = None if reference_accuracy is None or "test_accuracy" not in m else reference_accuracy - m["test_accuracy"]
+    return profile.budgets.violations(size_bytes=m["size_bytes"], accuracy_drop=drop, p50_ms=m["latency"]["p50_ms"])
 
 
 def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], x: np.ndarray,
@@ -71,24 +63,26 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
         inputs = Path(tmp) / "eval_inputs.npz"
         np.savez(inputs, x=x)
         with progress.task("device tests", total=len(profiles) * len(devices)) as task:
+
+            def record(target: str, device_spec: str, m: dict) -> None:
+                results.setdefault(target, {})[device_spec] = m
+                if "error" in m or m.get("failures"):
+                    failed.add(target)
+                task.advance()
+
             for dev_spec in devices:
-                spec = parse_device(dev_spec)
                 try:
-                    device = open_device(spec, timeout)
+                    device = open_device(parse_device(dev_spec), timeout)
                 except PipelineError as e:
                     for p in profiles:
-                        results.setdefault(p.name, {})[dev_spec] = {"error": str(e)}
-                        failed.add(p.name)
-                        task.advance()
+                        record(p.name, dev_spec, {"error": str(e)})
                     continue
                 try:
                     for p in profiles:
                         task.advance(0, f"{p.name} on {dev_spec}")
                         tm = lower_metrics["targets"].get(p.name, {})
                         if "artifact" not in tm:
-                            results.setdefault(p.name, {})[dev_spec] = {"error": "not lowered"}
-                            failed.add(p.name)
-                            task.advance()
+                            record(p.name, dev_spec, {"error": "not lowered"})
                             continue
                         try:
                             m, outputs = measure_on_device(device, lower_dir / tm["artifact"], inputs,
@@ -97,10 +91,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                             m["failures"] = check_budgets(p, m, reference)
                         except PipelineError as e:
                             m = {"error": str(e), "failures": [str(e)]}
-                        if m["failures"]:
-                            failed.add(p.name)
-                        results.setdefault(p.name, {})[dev_spec] = m
-                        task.advance()
+                        record(p.name, dev_spec, m)
                 finally:
                     device.close()
     return {"results": results, "failed_targets": sorted(failed), "float_test_accuracy": reference}

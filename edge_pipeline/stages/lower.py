@@ -135,7 +135,7 @@ def lower_target(model: nn.Module, profile: Profile, data: Splits, calibration: 
     metrics["describe"] = backend.describe(path)
     if "test_accuracy" in metrics:
         metrics["accuracy_drop"] = float_metrics["test_accuracy"] - metrics["test_accuracy"]
-    metrics["failures"] = budget_failures(profile, metrics, float_metrics)
+    metrics["failures"] = budget_failures(profile, metrics)
     return metrics
 
 
@@ -159,15 +159,10 @@ def layer_sensitivity(model, profile, data, calibration, example, all_int8_val: 
     return out
 
 
-def budget_failures(profile: Profile, m: dict, float_metrics: dict) -> list[str]:
-    b, fails = profile.budgets, []
-    if not m["parity_ok"]:
-        fails.append(f"parity {m['parity']} beyond tolerance {b.parity.model_dump()}")
-    if b.max_size_bytes and m["size_bytes"] > b.max_size_bytes:
-        fails.append(f"size {m['size_bytes']} > max_size_bytes {b.max_size_bytes}")
-    if b.max_accuracy_drop is not None and "accuracy_drop" in m and m["accuracy_drop"] > b.max_accuracy_drop + 1e-9:
-        fails.append(f"test accuracy drop {m['accuracy_drop']:.4f} > max_accuracy_drop {b.max_accuracy_drop}")
-    return fails
+def budget_failures(profile: Profile, m: dict) -> list[str]:
+    b = profile.budgets
+    parity = [] if m["parity_ok"] else [f"parity {m['parity']} beyond tolerance {b.parity.model_dump()}"]
+    return parity + b.violations(size_bytes=m["size_bytes"], accuracy_drop=m.get("accuracy_drop"))
 
 
 def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibration: np.ndarray, out: Path,
