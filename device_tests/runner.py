@@ -6,7 +6,7 @@ artifact needs (``executorch.runtime`` for .pte, ``onnxruntime`` for .onnx/.ort,
 ``tflite_runtime`` for .tflite), never edge_pipeline. ExecuTorch's Python runtime takes torch tensors, so
 torch is imported for .pte only.
 
-    python runner.py MODEL INPUTS.npz OUT.json [--threads N] [--runs N] [--warmup N] [--outputs OUT.npz]
+    python runner.py MODEL INPUTS.npz OUT.json [--threads N] [--runs N] [--warmup N] [--outputs OUT.npz] [--pin]
 
 INPUTS.npz holds ``x`` (a batch: one inference per row). Latency is timed on row 0; every row is run once
 for the outputs that accuracy is computed from on the host.
@@ -163,8 +163,21 @@ def _import_runtime(path: str) -> None:
             importlib.import_module("tflite_runtime.interpreter")
 
 
+def pin_to_one_core() -> int | None:
+    """Keep a 1-thread run on one core (the last it may use: on phones the big cores are numbered last).
+    Unpinned, the scheduler's occasional migrations show up as outliers that move a p50 at microsecond scale."""
+    try:
+        core = max(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        return core
+    except (AttributeError, OSError):
+        return None
+
+
 def measure(model_path: str, x: np.ndarray, threads: int = 1, runs: int = 50,
-            warmup: int = 5) -> tuple[dict, np.ndarray]:
+            warmup: int = 5, pin: bool = False) -> tuple[dict, np.ndarray]:
+    if pin and threads == 1:
+        pin_to_one_core()
     _import_runtime(model_path)
     t0 = time.perf_counter()
     model = Model(model_path, threads)
@@ -197,10 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--outputs", help="write the outputs of every input row to this .npz")
+    ap.add_argument("--pin", action="store_true", help="with --threads 1: pin the process to one core")
     a = ap.parse_args(argv)
     with np.load(a.inputs, allow_pickle=False) as z:
         x = z["x"].astype(np.float32)
-    result, outputs = measure(a.model, x, a.threads, a.runs, a.warmup)
+    result, outputs = measure(a.model, x, a.threads, a.runs, a.warmup, a.pin)
     if a.outputs:
         np.savez(a.outputs, y=outputs)
     with open(a.out_json, "w") as f:

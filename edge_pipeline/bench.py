@@ -2,8 +2,13 @@
 
 Per recipe and backend: (1) the fp32 teacher exported as is, (2) the backend's default int8 flow on the
 teacher (its quantizer with default settings, calibrated on the same representative set), (3) the pipeline's
-output (pruned + distilled + calibrated int8). Each is measured in a fresh runner process on this machine at
-1 thread and at all cores; ratios are taken inside this run only.
+output (pruned + distilled + calibrated int8), and (0) the smallest int8 model the format holds (one Linear
+layer): its size less its parameters is the format's fixed overhead, its latency the runtime's per-call floor.
+
+Each artifact is timed in ``ROUNDS`` fresh runner processes at 1 thread (pinned to one core) and at all cores,
+the rounds interleaved across artifacts so that drift on a shared machine hits every variant alike; a p50 is
+the median of the rounds' p50s. Ratios are taken inside this run only. ORT files are built for this machine's platform:
+an ORT file optimized for arm runs several times slower on x86 and would measure the mismatch, not the model.
 """
 
 from __future__ import annotations
@@ -11,12 +16,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from edge_pipeline import progress
 from edge_pipeline.backends import get_backend
@@ -27,24 +34,69 @@ from edge_pipeline.pipeline import run as run_pipeline
 from edge_pipeline.runstore import find_stage
 from edge_pipeline.sources import load_data
 from edge_pipeline.stages.device_test import measure_on_device
-from edge_pipeline.targets import load_profile
+from edge_pipeline.targets import load_profile, ort_platform
 from edge_pipeline.training import agreement, predict, top1
 
 PROFILES = {"executorch": "executorch-xnnpack", "onnxruntime": "ort-mobile", "tflite": "tflite"}
-RUNS, WARMUP = 200, 20
+VARIANTS = ("fp32_teacher", "default_int8_teacher", "pipeline_int8", "format_floor")
+RUNS, WARMUP, ROUNDS = 500, 50, 5
+
+# The issue's targets for (3) against (1), per backend.
+MAX_SIZE_RATIO, MAX_P50_RATIO, MAX_ACCURACY_LOSS, MAX_OVER_FLOOR = 0.10, 0.25, 0.01, 0.10
 
 
-def _measure(artifact: Path, data, teacher_test: np.ndarray, threads: int) -> dict:
+def floor_model(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The smallest useful model: flatten and one Linear layer."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes)).eval()
+
+
+def _measure(artifact: Path, test_x: Path, threads: int) -> tuple[dict, np.ndarray]:
     device = LocalDevice(parse_device("local"), timeout=600)
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            inputs = Path(tmp) / "test.npz"
-            np.savez(inputs, x=data.test.x)
-            res, outputs = measure_on_device(device, artifact, inputs, threads, RUNS, WARMUP)
+        return measure_on_device(device, artifact, test_x, threads, RUNS, WARMUP, pin=True)
     finally:
         device.close()
-    return {"p50_ms": res["latency"]["p50_ms"], "cv": res["latency"]["cv"], "peak_rss_bytes": res["peak_rss_bytes"],
-            "test_accuracy": top1(outputs, data.test.y), "agreement": agreement(outputs, teacher_test)}
+
+
+def _timed_rounds(artifacts: dict, test_x: Path, thread_counts: list[int], task) -> dict:
+    """{key: {threads: [runner result per round]}} and the outputs of each artifact's first run."""
+    results: dict = {k: {t: [] for t in thread_counts} for k in artifacts}
+    outputs: dict = {}
+    for _ in range(ROUNDS):
+        for key, artifact in artifacts.items():
+            for t in thread_counts:
+                res, out = _measure(artifact, test_x, t)
+                results[key][t].append(res)
+                outputs.setdefault(key, out)
+                task.advance()
+    return results, outputs
+
+
+def _summary(rounds: list[dict]) -> dict:
+    p50s = [r["latency"]["p50_ms"] for r in rounds]
+    return {"p50_ms": statistics.median(p50s), "p50_ms_rounds": p50s,
+            "cv": statistics.median(r["latency"]["cv"] for r in rounds),
+            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds)}
+
+
+def check_targets(by: dict, cores: int) -> list[dict]:
+    """The issue's targets for the pipeline's output (3) against the fp32 teacher (1) and the default flow (2)."""
+    teacher, default, ours, floor = (by[v] for v in VARIANTS)
+    ratio = ours["ratio_to_fp32"]
+    floor_bytes = ours["params"] + floor["format_overhead_bytes"]
+    return [
+        {"target": f"size (3)/(1) <= {MAX_SIZE_RATIO}", "value": ratio["size"], "met": ratio["size"] <= MAX_SIZE_RATIO},
+        {"target": f"p50 1 thread (3)/(1) <= {MAX_P50_RATIO}", "value": ratio["p50_1_thread"],
+         "met": ratio["p50_1_thread"] <= MAX_P50_RATIO,
+         "floor": floor["threads_1"]["p50_ms"] / teacher["threads_1"]["p50_ms"]},
+        {"target": f"test accuracy (3) >= (1) - {MAX_ACCURACY_LOSS}", "value": ours["test_accuracy"],
+         "met": ours["test_accuracy"] >= teacher["test_accuracy"] - MAX_ACCURACY_LOSS - 1e-9},
+        {"target": "test accuracy (3) >= (2)", "value": ours["test_accuracy"],
+         "met": ours["test_accuracy"] >= default["test_accuracy"] - 1e-9},
+        {"target": f"size (3) <= {1 + MAX_OVER_FLOOR:.2f} x (1 B/param + format overhead)",
+         "value": ours["size_bytes"] / floor_bytes, "met": ours["size_bytes"] <= (1 + MAX_OVER_FLOOR) * floor_bytes},
+    ]
 
 
 def bench_recipe(recipe_path: str, out_root: Path) -> dict:
@@ -56,38 +108,52 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
     model_stage = find_stage(run_dir, "distill") or find_stage(run_dir, "prune") or find_stage(run_dir, "teacher")
     student, _ = load_model(model_stage[0] / "model.pt")
     calibration = np.load(find_stage(run_dir, "calibrate")[0] / "calibration.npz")["x"]
-    teacher_test = predict(teacher, data.test.x)
     example = torch.from_numpy(data.test.x[:1])
-    stats = {"teacher": model_stats(teacher, data.input_shape), "pipeline": model_stats(student, data.input_shape)}
+    teacher_test = predict(teacher, data.test.x)
+    num_classes = data.num_classes or int(teacher(example).shape[1])
+    models = {"fp32_teacher": teacher, "default_int8_teacher": teacher, "pipeline_int8": student,
+              "format_floor": floor_model(data.input_shape, num_classes)}
+    stats = {v: model_stats(m, data.input_shape) for v, m in models.items()}
     cores = os.cpu_count() or 1
-    backends = {}
-    variants = [(b, v) for b in PROFILES for v in ("fp32_teacher", "default_int8_teacher", "pipeline_int8")]
-    with progress.task(f"bench {recipe['name']}", total=len(variants)) as task, tempfile.TemporaryDirectory() as tmp:
-        for backend, variant in variants:
-            profile = load_profile(f"{PROFILES[backend]}-{'fp32' if variant == 'fp32_teacher' else 'int8'}")
-            model = student if variant == "pipeline_int8" else teacher
-            folder = Path(tmp) / f"{backend}-{variant}"
-            folder.mkdir()
-            artifact = get_backend(backend).export(model, example, calibration, profile, folder,
-                                                   default_flow=variant == "default_int8_teacher")
-            params = stats["pipeline" if variant == "pipeline_int8" else "teacher"]
-            row = {"size_bytes": artifact.stat().st_size, **params,
-                   "bytes_per_param": artifact.stat().st_size / params["params"],
-                   "threads_1": _measure(artifact, data, teacher_test, 1),
-                   f"threads_{cores}": _measure(artifact, data, teacher_test, cores)}
+    thread_counts = sorted({1, cores})
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {}
+        with progress.task(f"bench {recipe['name']}: export", total=len(PROFILES) * len(VARIANTS)) as task:
+            for backend in PROFILES:
+                for variant in VARIANTS:
+                    profile = load_profile(f"{PROFILES[backend]}-{'fp32' if variant == 'fp32_teacher' else 'int8'}")
+                    profile = profile.model_copy(update={"platform": ort_platform(platform.machine())})
+                    folder = Path(tmp) / f"{backend}-{variant}"
+                    folder.mkdir()
+                    artifacts[backend, variant] = get_backend(backend).export(
+                        models[variant], example, calibration, profile, folder,
+                        default_flow=variant == "default_int8_teacher")
+                    task.advance()
+        test_x = Path(tmp) / "test.npz"
+        np.savez(test_x, x=data.test.x)
+        with progress.task(f"bench {recipe['name']}: time", total=ROUNDS * len(artifacts) * len(thread_counts)) as task:
+            timed, outputs = _timed_rounds(artifacts, test_x, thread_counts, task)
+        backends: dict = {}
+        for (backend, variant), artifact in artifacts.items():
+            size, params = artifact.stat().st_size, stats[variant]["params"]
+            row = {"size_bytes": size, **stats[variant], "bytes_per_param": size / params,
+                   "test_accuracy": top1(outputs[backend, variant], data.test.y),
+                   "agreement": agreement(outputs[backend, variant], teacher_test),
+                   **{f"threads_{t}": _summary(timed[backend, variant][t]) for t in thread_counts}}
+            if variant == "format_floor":
+                row["format_overhead_bytes"] = size - params
             backends.setdefault(backend, {})[variant] = row
-            task.advance()
-    for v in backends.values():
-        base = v["fp32_teacher"]
-        for variant in ("default_int8_teacher", "pipeline_int8"):
-            v[variant]["ratio_to_fp32"] = {
-                "size": v[variant]["size_bytes"] / base["size_bytes"],
-                "p50_1_thread": v[variant]["threads_1"]["p50_ms"] / base["threads_1"]["p50_ms"],
-                f"p50_{cores}_threads": v[variant][f"threads_{cores}"]["p50_ms"] / base[f"threads_{cores}"]["p50_ms"],
-            }
+    for by in backends.values():
+        base = by["fp32_teacher"]
+        for variant in VARIANTS[1:]:
+            by[variant]["ratio_to_fp32"] = {
+                "size": by[variant]["size_bytes"] / base["size_bytes"],
+                **{("p50_1_thread" if t == 1 else f"p50_{t}_threads"):
+                   by[variant][f"threads_{t}"]["p50_ms"] / base[f"threads_{t}"]["p50_ms"] for t in thread_counts}}
+        by["pipeline_int8"]["targets"] = check_targets(by, cores)
     stage_seconds = {s: r.get("seconds") for s, r in summary.run_json["stages"].items()}
     return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": backends,
-            "stage_seconds": stage_seconds, "cores": cores}
+            "stage_seconds": stage_seconds, "cores": cores, "ort_platform": ort_platform(platform.machine())}
 
 
 def machine() -> dict:
@@ -95,20 +161,23 @@ def machine() -> dict:
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": os.cpu_count(), "os": f"{platform.system()} {platform.release()}",
-            "python": platform.python_version(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "date": time.strftime("%Y-%m-%d")}
+    return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(),
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "date": time.strftime("%Y-%m-%d")}
 
 
 def to_markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = ["# Benchmarks", "",
-             f"Measured by `edge-pipeline bench` on {m['date']}: {m['cpu']}, {m['cores']} cores, {m['os']}, "
-             f"Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}. Each figure is from one "
-             f"run on that machine ({RUNS} timed runs after {WARMUP} warm-up, batch 1, a fresh runner process); "
-             "compare ratios, not absolute times, across machines.", "",
+             f"Measured by `edge-pipeline bench` on {m['date']}: {m['cpu']} ({m['arch']}), {m['cores']} cores, "
+             f"{m['os']}, Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}. Each artifact "
+             f"was timed in {ROUNDS} fresh runner processes, interleaved with the other artifacts ({RUNS} timed "
+             f"runs after {WARMUP} warm-up each, batch 1); a p50 is the median of the {ROUNDS} rounds' p50s. "
+             "Compare ratios, not absolute times, across machines.", "",
              "(1) fp32 teacher as exported; (2) the backend's own default int8 flow on the teacher, calibrated on "
-             "the same representative set; (3) the pipeline: pruned + distilled + calibrated int8.", ""]
+             "the same representative set; (3) the pipeline: pruned + distilled + calibrated int8; (0) the format's "
+             "floor: one int8 Linear layer, whose size less its parameters is the format's fixed overhead and "
+             "whose p50 is the runtime's per-call floor. ORT files are built for this machine's platform.", ""]
     for r in doc["recipes"]:
         c = r["cores"]
         lines += [f"## {r['recipe']} (`{r['model']}` on `{r['data']}`)", "",
@@ -122,9 +191,14 @@ def to_markdown(doc: dict) -> str:
                 lines.append(
                     f"| {backend} | {variant} | {v['size_bytes']} | {v['bytes_per_param']:.2f} | {v['params']} | "
                     f"{v['macs']} | {t1['p50_ms']:.4f} | {tn['p50_ms']:.4f} | {t1['cv']:.2f} | "
-                    f"{t1['peak_rss_bytes'] / 2**20:.0f} | {t1['test_accuracy']:.4f} | "
-                    f"{t1['agreement']['top1_agreement']:.4f} | {ratio.get('size', 1):.3f} | "
+                    f"{t1['peak_rss_bytes'] / 2**20:.0f} | {v['test_accuracy']:.4f} | "
+                    f"{v['agreement']['top1_agreement']:.4f} | {ratio.get('size', 1):.3f} | "
                     f"{ratio.get('p50_1_thread', 1):.3f} | {ratio.get(f'p50_{c}_threads', 1):.3f} |")
+        lines += ["", "Targets for (3):", "", "| backend | target | value | met |", "|---|---|---|---|"]
+        for backend, by in r["backends"].items():
+            for t in by["pipeline_int8"]["targets"]:
+                note = f" (format floor alone: {t['floor']:.3f})" if "floor" in t else ""
+                lines.append(f"| {backend} | {t['target']} | {t['value']:.4f}{note} | {'yes' if t['met'] else 'NO'} |")
         secs = ", ".join(f"{s} {v:.1f} s" for s, v in r["stage_seconds"].items() if v is not None)
         lines += ["", f"Pipeline wall time per stage (this run or the run it reused): {secs}.", ""]
     return "\n".join(lines) + "\n"

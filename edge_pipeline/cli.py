@@ -206,6 +206,8 @@ def _target_table(results: dict, title: str) -> Table:
             status = "[red]" + "; ".join(m["failures"]) + "[/red]" if m.get("failures") else "[green]ok[/green]"
             if lat.get("unstable"):
                 status += " [yellow](unstable)[/yellow]"
+            for note in m.get("notes", []):
+                status += f" [yellow]({note})[/yellow]"
             acc = m.get("test_accuracy")
             table.add_row(target, device, str(m["size_bytes"]), f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}",
                           f"{lat['cv']:.2f}", f"{m['init_ms']:.1f}", f"{m['peak_rss_bytes'] / 2**20:.0f}",

@@ -38,6 +38,10 @@ class PruneConfig(_Strict):
     max_params: float | None = Field(None, gt=0)
     global_pruning: bool = False
     max_layer_ratio: float = Field(0.9, gt=0, le=1)
+    # Kept channel counts are multiples of this (e.g. 8): the int8 kernels of XNNPACK, ORT and LiteRT work in
+    # tiles of 8/16 channels, and an odd count (69) wastes the rest of its last tile. Off by default: on narrow
+    # layers (16 channels) one rounded step halves the layer and overshoots a budget.
+    round_to: int | None = Field(None, ge=1)
     iterative_steps: int = Field(3, ge=1)
     finetune_epochs: int = Field(3, ge=0)
     lr: float = Field(1e-3, gt=0)

@@ -126,7 +126,10 @@ def _distill_curves(run_dir: Path) -> str | None:
     curves = json.loads((rec[0] / "curves.json").read_text())
     ep = [c["epoch"] for c in curves]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.4))
-    a1.plot(ep, [c["train_loss"] for c in curves])
+    a1.plot(ep, [c["train_loss"] for c in curves], label="train")
+    if "val_loss" in curves[0]:
+        a1.plot(ep, [c["val_loss"] for c in curves], label="val")
+    a1.legend(fontsize=7)
     a1.set_title("distillation loss")
     if "val_accuracy" in curves[0]:
         a2.plot(ep, [c["val_accuracy"] for c in curves], label="val accuracy")

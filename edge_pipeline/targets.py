@@ -67,6 +67,19 @@ class Profile(_Strict):
     budgets: Budgets = Budgets()
 
 
+def ort_platform(machine: str) -> str:
+    """The ORT format converter's platform name for a machine name (``platform.machine()``, ``uname -m``)."""
+    return "arm" if machine.lower().startswith(("arm", "aarch")) else "amd64"
+
+
+def platform_notes(profile: Profile, machine: str | None) -> list[str]:
+    """Why a latency measured on ``machine`` may not be the target's: an ORT file has its platform's layouts
+    baked in, and one built for arm runs several times slower on x86 (and the other way round)."""
+    if profile.backend != "onnxruntime" or not machine or ort_platform(machine) == profile.platform:
+        return []
+    return [f"ORT file optimized for {profile.platform}, measured on {machine}: latency is not the target's"]
+
+
 def profile_dirs() -> list[Path]:
     dirs = [Path.cwd() / "targets", BUILTIN_DIR]
     return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [x.resolve() for x in dirs[:i]]]

@@ -1,4 +1,4 @@
-"""The benchmark runs all three variants per backend and writes its table and JSON."""
+"""The benchmark runs all four variants per backend, checks the issue's targets and writes its table and JSON."""
 
 import json
 
@@ -7,10 +7,50 @@ import pytest
 from edge_pipeline import bench
 
 
+def _row(size, params, p50, acc, **extra):
+    return {"size_bytes": size, "params": params, "test_accuracy": acc, "threads_1": {"p50_ms": p50}, **extra}
+
+
+def _backend(ours_size, ours_p50, ours_acc, default_acc=0.99):
+    by = {"fp32_teacher": _row(4000, 1000, 1.0, 0.995), "default_int8_teacher": _row(1100, 1000, 0.5, default_acc),
+          "pipeline_int8": _row(ours_size, 300, ours_p50, ours_acc),
+          "format_floor": _row(150, 50, 0.1, 0.5, format_overhead_bytes=100)}
+    by["pipeline_int8"]["ratio_to_fp32"] = {"size": ours_size / 4000, "p50_1_thread": ours_p50 / 1.0}
+    return by
+
+
+def test_targets_met_and_missed_with_their_values():
+    met = bench.check_targets(_backend(ours_size=400, ours_p50=0.2, ours_acc=0.99), cores=2)
+    assert [t["met"] for t in met] == [True, True, True, True, True]
+    assert met[1]["floor"] == pytest.approx(0.1)  # the runtime's per-call floor against the teacher
+    assert met[4]["value"] == pytest.approx(400 / (300 + 100))
+
+    missed = bench.check_targets(_backend(ours_size=480, ours_p50=0.3, ours_acc=0.98), cores=2)
+    assert [t["met"] for t in missed] == [False, False, False, False, False]
+    assert missed[0]["value"] == pytest.approx(0.12)
+
+
+def test_accuracy_below_the_default_flow_is_a_miss_even_within_one_point():
+    t = bench.check_targets(_backend(ours_size=400, ours_p50=0.2, ours_acc=0.99, default_acc=0.992), cores=2)
+    assert t[2]["met"] and not t[3]["met"]
+
+
+def test_ort_platform_and_the_note_for_a_file_built_for_another_one():
+    from edge_pipeline.targets import load_profile, ort_platform, platform_notes
+
+    assert [ort_platform(m) for m in ("x86_64", "AMD64", "aarch64", "arm64", "armv7l")] == \
+        ["amd64", "amd64", "arm", "arm", "arm"]
+    ort_arm = load_profile("ort-mobile-int8")
+    assert platform_notes(ort_arm, "aarch64") == []
+    assert "optimized for arm, measured on x86_64" in platform_notes(ort_arm, "x86_64")[0]
+    assert platform_notes(load_profile("tflite-int8"), "x86_64") == []
+
+
 @pytest.mark.slow
-def test_bench_measures_three_variants_per_backend(write_recipe, tmp_path, monkeypatch):
+def test_bench_measures_four_variants_per_backend(write_recipe, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "RUNS", 5)
     monkeypatch.setattr(bench, "WARMUP", 1)
+    monkeypatch.setattr(bench, "ROUNDS", 1)
     recipe = write_recipe(prune={"ratio": 0.5, "iterative_steps": 1, "finetune_epochs": 1},
                           distill={"epochs": 2}, calibrate={"samples": 32, "compare_methods": False},
                           targets=["ort-mobile-int8"])
@@ -18,10 +58,12 @@ def test_bench_measures_three_variants_per_backend(write_recipe, tmp_path, monke
     r = doc["recipes"][0]
     assert set(r["backends"]) == {"executorch", "onnxruntime", "tflite"}
     for by in r["backends"].values():
-        assert set(by) == {"fp32_teacher", "default_int8_teacher", "pipeline_int8"}
+        assert set(by) == set(bench.VARIANTS)
         assert by["pipeline_int8"]["params"] < by["fp32_teacher"]["params"]
         assert by["pipeline_int8"]["ratio_to_fp32"]["size"] < 0.5
         assert by["fp32_teacher"]["threads_1"]["p50_ms"] > 0
+        assert 0 < by["format_floor"]["format_overhead_bytes"] < by["pipeline_int8"]["size_bytes"]
+        assert len(by["pipeline_int8"]["targets"]) == 5
     md = (tmp_path / "BENCH.md").read_text()
-    assert "| executorch | pipeline_int8 |" in md and "cores" in md
+    assert "| executorch | pipeline_int8 |" in md and "cores" in md and "| onnxruntime | size (3)/(1)" in md
     assert json.loads((tmp_path / "BENCH.json").read_text())["machine"]["cores"] >= 1

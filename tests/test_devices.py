@@ -96,3 +96,21 @@ def test_corrupt_artifact_fails_alone_and_unreachable_host_is_an_error(lowered, 
     res = _test(lowered, digits, [spec], timeout=20)
     for r in res["results"].values():
         assert "connect failed" in r[spec]["error"] and spec in r[spec]["error"]
+
+
+def test_runner_pins_a_one_thread_run_to_one_core(lowered, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from edge_pipeline.devices.runner import RUNNER_PATH
+
+    out, metrics, _ = lowered
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, x=np.zeros((2, 1, 8, 8), np.float32))
+    artifact = out / metrics["targets"]["ort-mobile-fp32"]["artifact"]
+    for flags, cores in ((["--pin"], 1), ([], len(os.sched_getaffinity(0)))):
+        subprocess.run([sys.executable, str(RUNNER_PATH), str(artifact), str(inputs), str(tmp_path / "r.json"),
+                        "--runs", "3", "--warmup", "0", *flags], check=True, capture_output=True)
+        assert len(json.loads((tmp_path / "r.json").read_text())["conditions"]["cpu_affinity"]) == cores

@@ -74,3 +74,11 @@ def test_loading_onto_another_architecture_is_refused(digits, tmp_path):
     save_model(model, {"source": "zoo:resnet-tiny", "num_classes": 10, "in_channels": 1}, tmp_path / "m.pt")
     with pytest.raises(PipelineError, match="does not fit architecture zoo:resnet-tiny"):
         load_model(tmp_path / "m.pt")
+
+
+def test_round_to_keeps_channel_counts_in_multiples(digits):
+    model = build_model("zoo:digits-cnn", 10, 1)
+    res = prune(model, digits, PruneConfig(max_macs=0.3, iterative_steps=1, finetune_epochs=0, round_to=8))
+    convs = [m for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.out_channels % 8 == 0 for c in convs), [c.out_channels for c in convs]
+    assert res.macs[1] <= 0.3 * res.macs[0] and any(c.out_channels < 64 for c in convs)

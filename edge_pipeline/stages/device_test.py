@@ -17,15 +17,15 @@ from edge_pipeline import progress
 from edge_pipeline.devices import open_device, parse_device
 from edge_pipeline.devices.runner import RUNNER_PATH
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.targets import Profile, load_profile
+from edge_pipeline.targets import Profile, load_profile, platform_notes
 from edge_pipeline.training import agreement, top1
 
 
 def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, runs: int,
-                      warmup: int) -> tuple[dict, np.ndarray]:
+                      warmup: int, pin: bool = False) -> tuple[dict, np.ndarray]:
     device.push([RUNNER_PATH, artifact, inputs_npz])
     argv = [device.python, RUNNER_PATH.name, artifact.name, inputs_npz.name, "result.json", "--threads", str(threads),
-            "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz"]
+            "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz"] + (["--pin"] if pin else [])
     code, out, err = device.run(argv, f"run {artifact.name}")
     if code != 0:
         raise PipelineError(f"runner exited with {code} on {artifact.name}: {(err or out).strip()[-600:]}",
@@ -89,6 +89,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                                                            threads or p.threads, runs, warmup)
                             m.update(accuracy_figures(outputs, labels, teacher_out))
                             m["failures"] = check_budgets(p, m, reference)
+                            m["notes"] = platform_notes(p, m["conditions"].get("arch"))
                         except PipelineError as e:
                             m = {"error": str(e), "failures": [str(e)]}
                         record(p.name, dev_spec, m)

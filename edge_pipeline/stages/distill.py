@@ -149,7 +149,8 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
     t_logits = torch.from_numpy(predict(teacher, data.train.x, device=device))
     t_val = predict(teacher, data.val.x, device=device)
 
-    curves, best, best_acc, start, stale = [], None, -1.0, 0, 0
+    y_val = torch.from_numpy(data.val.y) if data.val.y is not None else None
+    curves, best, best_score, best_epoch, start, stale = [], None, (-1.0, -math.inf), 0, 0, 0
     if resume is not None and resume.is_file():
         ck = torch.load(resume, weights_only=True, map_location="cpu")
         student.load_state_dict(ck["student"])
@@ -157,8 +158,8 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
         sched.load_state_dict(ck["sched"])
         if hints:
             hints.proj.load_state_dict(ck["hints"])
-        curves, best_acc = json.loads(ck["curves"]), float(ck["best_acc"])
-        start, stale = int(ck["epoch"]), int(ck["stale"])
+        curves, best_score = json.loads(ck["curves"]), tuple(ck["best_score"])
+        start, stale, best_epoch = int(ck["epoch"]), int(ck["stale"]), int(ck["best_epoch"])
         best = ck["best"]
         progress.note(f"distill: resumed after epoch {start}")
 
@@ -187,14 +188,19 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
                 sched.step()
                 total += loss.item() * len(idx)
             s_val = predict(student, data.val.x, device=device)
-            point = {"epoch": epoch + 1, "train_loss": total / len(perm),
+            val_loss = kd_loss(torch.from_numpy(s_val), torch.from_numpy(t_val), y_val, cfg.alpha, cfg.temperature,
+                               cfg.soft_only).item()
+            point = {"epoch": epoch + 1, "train_loss": total / len(perm), "val_loss": val_loss,
                      "val_agreement": agreement(s_val, t_val)["top1_agreement"]}
             if data.val.y is not None:
                 point["val_accuracy"] = top1(s_val, data.val.y)
             curves.append(point)
-            score = point.get("val_accuracy", point["val_agreement"])
-            if score > best_acc:
-                best_acc, stale = score, 0
+            # Accuracy first; the loss breaks ties. A small val split saturates at 100% within an epoch or two,
+            # and on accuracy alone the best checkpoint would be that barely distilled early epoch.
+            score = (point.get("val_accuracy", point["val_agreement"]), -val_loss)
+            if score > best_score:
+                best_score, stale = score, 0
+                best_epoch = epoch + 1
                 best = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
             else:
                 stale += 1
@@ -202,14 +208,14 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
                 tmp = resume.with_suffix(".tmp")
                 torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                             "hints": hints.proj.state_dict() if hints else {}, "curves": json.dumps(curves),
-                            "best_acc": best_acc, "epoch": epoch + 1, "stale": stale, "best": best}, tmp)
+                            "best_score": list(best_score), "best_epoch": best_epoch, "epoch": epoch + 1,
+                            "stale": stale, "best": best}, tmp)
                 tmp.replace(resume)
             task.advance()
             if stale >= cfg.patience:
                 progress.note(f"distill: early stop after epoch {epoch + 1}")
                 break
     student.load_state_dict(best)
-    best_epoch = max(curves, key=lambda p: p.get("val_accuracy", p["val_agreement"]))["epoch"]
     return DistillResult(student.cpu().eval(), arch, curves, best_epoch)
 
 

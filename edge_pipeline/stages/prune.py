@@ -157,7 +157,7 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, where: str = "recipe
     pruner = tp.pruner.BasePruner(
         model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
         pruning_ratio=cfg.ratio if budget is None else cfg.max_layer_ratio, pruning_ratio_dict=ratio_dict,
-        max_pruning_ratio=cfg.max_layer_ratio, iterative_steps=steps, ignored_layers=ignored, round_to=None,
+        max_pruning_ratio=cfg.max_layer_ratio, iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to,
     )
     # Budget: step in small increments; fine-tune each time the next of `iterative_steps` milestones is passed.
     milestones = ([] if budget is None else
