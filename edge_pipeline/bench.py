@@ -59,7 +59,7 @@ def _measure(artifact: Path, test_x: Path, threads: int) -> tuple[dict, np.ndarr
         device.close()
 
 
-def _timed_rounds(artifacts: dict, test_x: Path, thread_counts: list[int], task) -> dict:
+def _timed_rounds(artifacts: dict, test_x: Path, thread_counts: list[int], task) -> tuple[dict, dict]:
     """{key: {threads: [runner result per round]}} and the outputs of each artifact's first run."""
     results: dict = {k: {t: [] for t in thread_counts} for k in artifacts}
     outputs: dict = {}
@@ -80,7 +80,7 @@ def _summary(rounds: list[dict]) -> dict:
             "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rounds)}
 
 
-def check_targets(by: dict, cores: int) -> list[dict]:
+def check_targets(by: dict) -> list[dict]:
     """The issue's targets for the pipeline's output (3) against the fp32 teacher (1) and the default flow (2)."""
     teacher, default, ours, floor = (by[v] for v in VARIANTS)
     ratio = ours["ratio_to_fp32"]
@@ -150,7 +150,7 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
                 "size": by[variant]["size_bytes"] / base["size_bytes"],
                 **{("p50_1_thread" if t == 1 else f"p50_{t}_threads"):
                    by[variant][f"threads_{t}"]["p50_ms"] / base[f"threads_{t}"]["p50_ms"] for t in thread_counts}}
-        by["pipeline_int8"]["targets"] = check_targets(by, cores)
+        by["pipeline_int8"]["targets"] = check_targets(by)
     stage_seconds = {s: r.get("seconds") for s, r in summary.run_json["stages"].items()}
     return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": backends,
             "stage_seconds": stage_seconds, "cores": cores, "ort_platform": ort_platform(platform.machine())}

@@ -20,18 +20,18 @@ def _backend(ours_size, ours_p50, ours_acc, default_acc=0.99):
 
 
 def test_targets_met_and_missed_with_their_values():
-    met = bench.check_targets(_backend(ours_size=400, ours_p50=0.2, ours_acc=0.99), cores=2)
+    met = bench.check_targets(_backend(ours_size=400, ours_p50=0.2, ours_acc=0.99))
     assert [t["met"] for t in met] == [True, True, True, True, True]
     assert met[1]["floor"] == pytest.approx(0.1)  # the runtime's per-call floor against the teacher
     assert met[4]["value"] == pytest.approx(400 / (300 + 100))
 
-    missed = bench.check_targets(_backend(ours_size=480, ours_p50=0.3, ours_acc=0.98), cores=2)
+    missed = bench.check_targets(_backend(ours_size=480, ours_p50=0.3, ours_acc=0.98))
     assert [t["met"] for t in missed] == [False, False, False, False, False]
     assert missed[0]["value"] == pytest.approx(0.12)
 
 
 def test_accuracy_below_the_default_flow_is_a_miss_even_within_one_point():
-    t = bench.check_targets(_backend(ours_size=400, ours_p50=0.2, ours_acc=0.99, default_acc=0.992), cores=2)
+    t = bench.check_targets(_backend(ours_size=400, ours_p50=0.2, ours_acc=0.99, default_acc=0.992))
     assert t[2]["met"] and not t[3]["met"]
 
 
