@@ -163,15 +163,13 @@ def _import_runtime(path: str) -> None:
             importlib.import_module("tflite_runtime.interpreter")
 
 
-def pin_to_one_core() -> int | None:
+def pin_to_one_core() -> None:
     """Keep a 1-thread run on one core (the last it may use: on phones the big cores are numbered last).
     Unpinned, the scheduler's occasional migrations show up as outliers that move a p50 at microsecond scale."""
     try:
-        core = max(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {core})
-        return core
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
     except (AttributeError, OSError):
-        return None
+        pass  # no affinity API here (macOS): run unpinned; conditions.cpu_affinity says so
 
 
 def measure(model_path: str, x: np.ndarray, threads: int = 1, runs: int = 50,

@@ -116,13 +116,14 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
     stats = {v: model_stats(m, data.input_shape) for v, m in models.items()}
     cores = os.cpu_count() or 1
     thread_counts = sorted({1, cores})
+    host = ort_platform(platform.machine())
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}
         with progress.task(f"bench {recipe['name']}: export", total=len(PROFILES) * len(VARIANTS)) as task:
             for backend in PROFILES:
                 for variant in VARIANTS:
                     profile = load_profile(f"{PROFILES[backend]}-{'fp32' if variant == 'fp32_teacher' else 'int8'}")
-                    profile = profile.model_copy(update={"platform": ort_platform(platform.machine())})
+                    profile = profile.model_copy(update={"platform": host})
                     folder = Path(tmp) / f"{backend}-{variant}"
                     folder.mkdir()
                     artifacts[backend, variant] = get_backend(backend).export(
@@ -153,7 +154,7 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
         by["pipeline_int8"]["targets"] = check_targets(by)
     stage_seconds = {s: r.get("seconds") for s, r in summary.run_json["stages"].items()}
     return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": backends,
-            "stage_seconds": stage_seconds, "cores": cores, "ort_platform": ort_platform(platform.machine())}
+            "stage_seconds": stage_seconds, "cores": cores, "ort_platform": host}
 
 
 def machine() -> dict:
