@@ -16,10 +16,10 @@ def _cases(config):
     if not path:
         return []
     doc = json.loads(Path(path).read_text())
-    return [(t, d, m, doc.get("float_test_accuracy")) for t, by in doc["results"].items() for d, m in by.items()]
+    return [(t, d, m) for t, by in doc["results"].items() for d, m in by.items()]
 
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         cases = _cases(metafunc.config)
-        metafunc.parametrize("case", cases, ids=[f"{t}@{d}" for t, d, _, _ in cases])
+        metafunc.parametrize("case", cases, ids=[f"{t}@{d}" for t, d, _ in cases])

@@ -8,8 +8,8 @@ torch is imported for .pte only.
 
     python runner.py MODEL INPUTS.npz OUT.json [--threads N] [--runs N] [--warmup N] [--outputs OUT.npz] [--pin]
 
-INPUTS.npz holds ``x`` (a batch: one inference per row). Latency is timed on row 0; every row is run once
-for the outputs that accuracy is computed from on the host.
+INPUTS.npz holds ``input_0``, ``input_1``, ... (or ``x`` alone): one inference per row. Latency is timed on
+row 0; every row is run once for the outputs (``output_0``, ...) that accuracy is computed from on the host.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ UNSTABLE_CV = 0.15  # coefficient of variation above which a latency figure is f
 
 
 class Model:
-    """One loaded artifact with a uniform ``run(x) -> logits`` for a single float32 input row (batch 1)."""
+    """One loaded artifact with a uniform ``run(inputs) -> outputs``: lists of arrays, batch 1, in the order of
+    the model interface. Each input is cast to the artifact's own dtype (LiteRT takes int64 token ids as int32)
+    and float inputs of an int8-I/O model are quantized with that tensor's own scale and zero point."""
 
     def __init__(self, path: str, threads: int):
         self.path, self.threads = path, threads
@@ -47,10 +49,11 @@ class Model:
         from executorch.extension.pybindings import portable_lib
         from executorch.runtime import Runtime
 
-        portable_lib._unsafe_reset_threadpool(self.threads)
+        if portable_lib._threadpool_get_thread_count() != self.threads:  # it prints a line each call
+            portable_lib._unsafe_reset_threadpool(self.threads)
         self.runtime_name, self.runtime_version = "executorch", _pkg_version("executorch")
         self._method = Runtime.get().load_program(self.path).load_method("forward")
-        self._run = lambda x: self._method.execute([torch.from_numpy(x)])[0].numpy()
+        self._run = lambda xs: [t.numpy() for t in self._method.execute([torch.from_numpy(x) for x in xs])]
 
     def _open_onnxruntime(self):
         import onnxruntime as ort
@@ -60,8 +63,9 @@ class Model:
         so.inter_op_num_threads = 1
         self.runtime_name, self.runtime_version = "onnxruntime", ort.__version__
         sess = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
-        name = sess.get_inputs()[0].name
-        self._run = lambda x: sess.run(None, {name: x})[0]
+        names = [i.name for i in sess.get_inputs()]
+        dtypes = [_ORT_TYPES.get(i.type) for i in sess.get_inputs()]
+        self._run = lambda xs: sess.run(None, {n: _cast(x, d) for n, x, d in zip(names, xs, dtypes)})  # noqa: B905 - boards may run Python < 3.10
 
     def _open_tflite(self):
         try:
@@ -72,25 +76,74 @@ class Model:
             self.runtime_name, self.runtime_version = "tflite-runtime", _pkg_version("tflite-runtime")
         it = Interpreter(model_path=self.path, num_threads=self.threads)
         it.allocate_tensors()
-        inp, out = it.get_input_details()[0], it.get_output_details()[0]
+        ins, outs = tflite_io(it)
 
-        def run(x):
-            if inp["dtype"] == np.int8:  # int8 I/O: quantize with the model's own scale and zero point
-                scale, zp = inp["quantization"]
-                x = np.clip(np.round(x / scale + zp), -128, 127).astype(np.int8)
-            it.set_tensor(inp["index"], np.ascontiguousarray(x))
+        def run(xs):
+            for d, x in zip(ins, xs):  # noqa: B905 - boards may run Python < 3.10
+                if d["dtype"] in (np.int8, np.uint8) and x.dtype == np.float32:
+                    scale, zp = d["quantization"]
+                    info = np.iinfo(d["dtype"])
+                    x = np.clip(np.round(x / scale + zp), info.min, info.max)
+                it.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
             it.invoke()
-            y = it.get_tensor(out["index"])
-            if out["dtype"] == np.int8:
-                scale, zp = out["quantization"]
-                y = (y.astype(np.float32) - zp) * scale
-            return y.copy()
+            ys = []
+            for d in outs:
+                y = it.get_tensor(d["index"])
+                if d["dtype"] in (np.int8, np.uint8) and d["quantization"][0]:
+                    scale, zp = d["quantization"]
+                    y = (y.astype(np.float32) - zp) * scale
+                ys.append(y.copy())
+            return ys
 
         self._run = run
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        # A C-order copy with standard strides (a size-1 axis of a view can carry odd strides).
-        return self._run(np.array(x, dtype=np.float32, order="C", copy=True))
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        # C-order copies with standard strides (a size-1 axis of a view can carry odd strides).
+        return list(self._run([np.array(x, order="C", copy=True) for x in inputs]))
+
+
+_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
+              "tensor(bool)": np.bool_, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
+
+
+def _cast(x: np.ndarray, dtype) -> np.ndarray:
+    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
+
+
+def _numeric_suffix(name: str) -> int:
+    """``args_1`` -> 1, ``output_10`` -> 10 (a plain sort would put 10 before 2)."""
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+def tflite_io(it) -> tuple[list[dict], list[dict]]:
+    """Input and output details in the model's own order: the signature's ``args_<i>`` and ``output_<i>`` (the
+    interpreter's plain lists are in tensor-index order, which need not be the model's)."""
+    sigs = it.get_signature_list()
+    if not sigs:
+        return it.get_input_details(), it.get_output_details()
+    runner = it.get_signature_runner(next(iter(sigs)))
+    ins, outs = runner.get_input_details(), runner.get_output_details()
+    return ([ins[k] for k in sorted(ins, key=_numeric_suffix)], [outs[k] for k in sorted(outs, key=_numeric_suffix)])
+
+
+def load_inputs(path: str) -> list[np.ndarray]:
+    """``input_0``, ``input_1``, ... from an .npz (``x`` alone is one input)."""
+    with np.load(path, allow_pickle=False) as z:
+        if "x" in z.files:
+            return [z["x"]]
+        keys = sorted((k for k in z.files if k.startswith("input_")), key=lambda k: int(k.split("_")[1]))
+        return [z[k] for k in keys]
+
+
+def save_outputs(path: str, outputs: list[np.ndarray]) -> None:
+    np.savez(path, **{f"output_{i}": y for i, y in enumerate(outputs)})
+
+
+def load_outputs(path: str) -> list[np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        keys = sorted((k for k in z.files if k.startswith("output_")), key=lambda k: int(k.split("_")[1]))
+        return [z[k] for k in keys]
 
 
 def _pkg_version(name: str) -> str | None:
@@ -172,15 +225,15 @@ def pin_to_one_core() -> None:
         pass  # no affinity API here (macOS): run unpinned; conditions.cpu_affinity says so
 
 
-def measure(model_path: str, x: np.ndarray, threads: int = 1, runs: int = 50,
-            warmup: int = 5, pin: bool = False) -> tuple[dict, np.ndarray]:
+def measure(model_path: str, x: list[np.ndarray], threads: int = 1, runs: int = 50,
+            warmup: int = 5, pin: bool = False) -> tuple[dict, list[np.ndarray]]:
     if pin and threads == 1:
         pin_to_one_core()
     _import_runtime(model_path)
     t0 = time.perf_counter()
     model = Model(model_path, threads)
     init_ms = (time.perf_counter() - t0) * 1e3
-    row = x[:1]
+    row = [a[:1] for a in x]
     t0 = time.perf_counter()
     model.run(row)
     first_ms = (time.perf_counter() - t0) * 1e3
@@ -191,11 +244,12 @@ def measure(model_path: str, x: np.ndarray, threads: int = 1, runs: int = 50,
         t0 = time.perf_counter()
         model.run(row)
         times.append((time.perf_counter() - t0) * 1e3)
-    outputs = np.concatenate([model.run(x[i:i + 1]) for i in range(len(x))])
+    per_row = [model.run([a[i:i + 1] for a in x]) for i in range(len(x[0]))]
+    outputs = [np.concatenate([r[k] for r in per_row]) for k in range(len(per_row[0]))]
     result = {"artifact": os.path.basename(model_path), "size_bytes": os.path.getsize(model_path),
               "runtime": model.runtime_name, "runtime_version": model.runtime_version,
               "init_ms": init_ms, "first_inference_ms": first_ms, "latency": latency_stats(times),
-              "peak_rss_bytes": _peak_rss_bytes(), "conditions": conditions(threads), "samples": len(x)}
+              "peak_rss_bytes": _peak_rss_bytes(), "conditions": conditions(threads), "samples": len(x[0])}
     return result, outputs
 
 
@@ -210,11 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outputs", help="write the outputs of every input row to this .npz")
     ap.add_argument("--pin", action="store_true", help="with --threads 1: pin the process to one core")
     a = ap.parse_args(argv)
-    with np.load(a.inputs, allow_pickle=False) as z:
-        x = z["x"].astype(np.float32)
-    result, outputs = measure(a.model, x, a.threads, a.runs, a.warmup, a.pin)
+    result, outputs = measure(a.model, load_inputs(a.inputs), a.threads, a.runs, a.warmup, a.pin)
     if a.outputs:
-        np.savez(a.outputs, y=outputs)
+        save_outputs(a.outputs, outputs)
     with open(a.out_json, "w") as f:
         json.dump(result, f, indent=1)
     return 0

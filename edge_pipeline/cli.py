@@ -23,11 +23,11 @@ out = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS
 
 # The figures the summary shows per stage (all of them are in run.json).
 SUMMARY_KEYS = {
-    "teacher": ("params", "macs", "test_accuracy"),
-    "prune": ("macs_fraction", "params_after", "val_accuracy_pruned", "val_accuracy_finetuned"),
-    "distill": ("macs_fraction_of_teacher", "test_accuracy", "teacher_test_accuracy", "epochs_run"),
+    "teacher": ("params", "macs", "metric", "test_metric"),
+    "prune": ("macs_fraction", "params_after", "val_metric_pruned", "val_metric_finetuned"),
+    "distill": ("macs_fraction_of_teacher", "test_metric", "teacher_test_metric", "epochs_run"),
     "calibrate": ("samples", "pinned"),
-    "device-test": ("float_test_accuracy",),
+    "device-test": ("float_test_metric",),
     "package": ("tar_bytes",),
 }
 
@@ -99,7 +99,9 @@ def _print_summary(summary) -> None:
     for name, s in summary.stages.items():
         m = s.get("metrics", {})
         if name == "lower":
-            figures = ", ".join(f"{t}: {v.get('size_bytes', '-')} B, acc {_fmt(v.get('test_accuracy'))}"
+            figures = ", ".join(f"{t}: {v.get('size_bytes', '-')} B, {v.get('metric', 'metric')} "
+                                f"{_fmt(v.get('test_metric'))}" + (f" (failed: {'; '.join(v['failures'])[:160]})"
+                                                                   if v.get("failures") else "")
                                 for t, v in m.get("targets", {}).items())
         else:
             figures = ", ".join(f"{k}={_fmt(m[k])}" for k in SUMMARY_KEYS.get(name, ()) if k in m)
@@ -194,8 +196,8 @@ _stage_command("lower", "Lower the model to every target's runtime format.")
 
 def _target_table(results: dict, title: str) -> Table:
     table = Table(title=title)
-    for col in ("target", "device", "size (B)", "p50 ms", "p90 ms", "cv", "init ms", "peak RSS MB", "test acc",
-                "agree teacher", "status"):
+    for col in ("target", "device", "size (B)", "p50 ms", "p90 ms", "cv", "init ms", "peak RSS MB", "test metric",
+                "cosine vs teacher", "status"):
         table.add_column(col)
     for target, by in results.items():
         for device, m in by.items():
@@ -208,11 +210,11 @@ def _target_table(results: dict, title: str) -> Table:
                 status += " [yellow](unstable)[/yellow]"
             for note in m.get("notes", []):
                 status += f" [yellow]({note})[/yellow]"
-            acc = m.get("test_accuracy")
+            acc = m.get("test_metric")
             table.add_row(target, device, str(m["size_bytes"]), f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}",
                           f"{lat['cv']:.2f}", f"{m['init_ms']:.1f}", f"{m['peak_rss_bytes'] / 2**20:.0f}",
-                          "" if acc is None else f"{acc:.4f}",
-                          f"{m['agreement_with_teacher']['top1_agreement']:.4f}", status)
+                          "" if acc is None else f"{m.get('metric', '')} {acc:.4f}",
+                          f"{m['agreement_with_teacher']['worst']['cosine']:.4f}", status)
     return table
 
 

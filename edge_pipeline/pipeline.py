@@ -67,12 +67,52 @@ class Context:
     store: RunStore
     keys: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, dict] = field(default_factory=dict)
+    current_stage: str | None = None
 
     @cached_property
     def data(self):
         from edge_pipeline.sources import load_data
 
-        return load_data(self.recipe.data, where=f"{self.recipe_path}: data")
+        return load_data(self.recipe.data, where=f"{self.recipe_path}: data",
+                         preprocess=self.recipe.preprocess.model_dump())
+
+    @cached_property
+    def iface(self):
+        """The model interface, discovered from a freshly built teacher and the data's example batch."""
+        from edge_pipeline.interface import discover
+        from edge_pipeline.sources import build_model
+
+        model = build_model(self.recipe.model, self.data.num_classes, self.data.input_shape[0],
+                            where=f"{self.recipe_path}: model")
+        return discover(model, self.data.example, self.data.input_names, where=f"{self.recipe_path}: model")
+
+    @cached_property
+    def metric(self):
+        from edge_pipeline.evaluation import resolve_metric
+
+        return resolve_metric(self.recipe.metric, self.iface.output_names, self.data.train.y is not None,
+                              self.recipe.metric_output, where=f"{self.recipe_path}: metric")
+
+    @cached_property
+    def evaluator(self):
+        """Scores with the recipe's metric against the trained teacher (after the teacher stage)."""
+        from edge_pipeline.evaluation import Evaluator
+        from edge_pipeline.modelio import load_model
+
+        teacher, _ = load_model(self.store.stage_dir("teacher") / "model.pt")
+        return Evaluator(self.data, self.iface, self.metric, teacher)
+
+    def preflight(self) -> None:
+        """Everything that can be checked before work: data (labels, NaN/Inf, sizes), the model on an example
+        batch (outputs it can flatten, input dtypes), the metric, and the prune and distill settings."""
+        from edge_pipeline.stages.distill import check_config as check_distill
+        from edge_pipeline.stages.prune import check_config as check_prune
+
+        _ = self.metric  # loads the data, builds the model, discovers the interface
+        if self.recipe.prune.enabled:
+            check_prune(self.recipe.prune, self.data, self.recipe_path)
+        if self.recipe.distill.enabled:
+            check_distill(self.recipe, self.iface, self.data, self.recipe_path)
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -118,8 +158,33 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
     if not ddp or distributed.is_main():
         store.clean_partial()
     ctx = Context(recipe, str(recipe_path), store)
-    summary: dict[str, dict] = {}
     recipe_doc = recipe.model_dump()
+    try:
+        ctx.preflight()
+        return _run_stages(ctx, recipe_doc, ddp, from_stage, only, force, until)
+    except PipelineError as e:
+        _record_failure(ctx, recipe_doc, ddp, "failed", e)
+        raise
+    except KeyboardInterrupt as e:
+        _record_failure(ctx, recipe_doc, ddp, "interrupted", e)
+        raise
+    except Exception as e:
+        _record_failure(ctx, recipe_doc, ddp, "failed", e)
+        raise
+
+
+def _record_failure(ctx: Context, recipe_doc: dict, ddp: bool, status: str, err: BaseException) -> None:
+    """run.json never stays at "running" or at an earlier "ok": the status, the stage and the message."""
+    if ddp and not distributed.is_main():
+        return
+    message = str(err) if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}"
+    ctx.store.write_run_json(recipe_doc, ctx.recipe_path, status,
+                             {"failed_stage": ctx.current_stage, "error": message.strip() or status})
+
+
+def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, force, until) -> RunSummary:
+    recipe, store = ctx.recipe, ctx.store
+    summary: dict[str, dict] = {}
     forced_from = 0 if force else (STAGE_NAMES.index(from_stage) if from_stage else None)
 
     goal = only or until
@@ -131,6 +196,7 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
             ctx.keys[sd.name] = "disabled"
             summary[sd.name] = {"status": "disabled"}
             continue
+        ctx.current_stage = sd.name
         config = sd.config(recipe)
         inputs = {d: ctx.keys[d] for d in sd.deps} | sd.external(ctx)
         key = store.cache_key(sd.name, config, inputs)
@@ -158,6 +224,7 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
         if sd.name in (until, only):
             break
 
+    ctx.current_stage = None
     failed = sorted({t for m in ctx.metrics.values() for t in m.get("failed_targets", [])})
     if ddp and not distributed.is_main():
         return RunSummary(store.dir, summary, {}, failed)
@@ -165,8 +232,8 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
         from edge_pipeline.report import write_report
 
         write_report(store.dir, store.dir / "report.html")
-    doc = store.write_run_json(recipe_doc, str(recipe_path), "failed-targets" if failed else "ok",
-                               {"failed_targets": failed})
+    doc = store.write_run_json(recipe_doc, ctx.recipe_path, "failed-targets" if failed else "ok",
+                               {"failed_targets": failed, "interface": ctx.iface.to_dict(), "metric": ctx.metric.name})
     return RunSummary(store.dir, summary, doc, failed)
 
 
@@ -186,22 +253,17 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
     progress.note(f"stage {sd.name}: running")
     started = time.time()
     stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
-    try:
-        with _stage_folder(ctx.store, sd.name, ddp) as tmp:
-            metrics = stage_mod.run(ctx, tmp)
-            after = inputs | sd.external(ctx)
-            if after != inputs:
-                # The stage wrote one of its own inputs (calibrate pinning a new set): key it as the next
-                # run will see it, so that run reuses the stage.
-                inputs, key = after, ctx.store.cache_key(sd.name, config, after)
-                ctx.keys[sd.name] = key
-            rec = {"stage": sd.name, "key": key, "config": config, "inputs": inputs,
-                   "seconds": round(time.time() - started, 3), "metrics": metrics}
-            (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
-    except PipelineError:
-        if not ddp or distributed.is_main():
-            ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "failed")
-        raise
+    with _stage_folder(ctx.store, sd.name, ddp) as tmp:
+        metrics = stage_mod.run(ctx, tmp)
+        after = inputs | sd.external(ctx)
+        if after != inputs:
+            # The stage wrote one of its own inputs (calibrate pinning a new set): key it as the next
+            # run will see it, so that run reuses the stage.
+            inputs, key = after, ctx.store.cache_key(sd.name, config, after)
+            ctx.keys[sd.name] = key
+        rec = {"stage": sd.name, "key": key, "config": config, "inputs": inputs,
+               "seconds": round(time.time() - started, 3), "metrics": metrics}
+        (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
     if not ddp or distributed.is_main():
         ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "running")
     progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")

@@ -58,6 +58,9 @@ class DistillConfig(_Strict):
     alpha: float = Field(0.7, ge=0, le=1)
     temperature: float = Field(4.0, gt=0)
     soft_only: bool = False
+    # Outputs distilled as class scores (KL at the temperature); every other output is matched with MSE.
+    # Default: the metric's output when the data has labels, else none (all MSE: boxes, embeddings, scores).
+    logit_outputs: list[str] | None = None
     hint_layers: list[tuple[str, str]] = []  # (student layer, teacher layer)
     hint_weight: float = Field(1.0, ge=0)
     epochs: int = Field(40, ge=1)
@@ -74,8 +77,7 @@ class CalibrateConfig(_Strict):
     set: str | None = None  # path (without suffix) of a pinned set; drawn and written there when missing
     samples: int = Field(256, ge=1)
     seed: int = 0
-    compare_methods: bool = True
-    sensitivity: bool = True
+    sensitivity: bool = True  # leave-one-out per layer, only for a target that misses its accuracy budget
 
 
 class DeviceTestConfig(_Strict):
@@ -93,12 +95,30 @@ class PackageConfig(_Strict):
     allow_failing: bool = False
 
 
+class PreprocessConfig(_Strict):
+    """How an image folder's files become model inputs; recorded in the bundle so an app can do the same."""
+
+    mode: Literal["auto", "RGB", "L", "RGBA"] = "auto"  # auto: grayscale files stay 1-channel, others RGB
+    resize: int | tuple[int, int] | None = None  # int: shorter side (aspect kept); [height, width]: exact
+    center_crop: int | tuple[int, int] | None = None
+    scale: float = Field(1 / 255, gt=0)  # pixel values times this, before mean/std
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    channel_order: Literal["RGB", "BGR"] = "RGB"
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+
 class Recipe(_Strict):
     name: str
     description: str = ""
     model: str
     weights: str | None = None  # a state_dict file for the model (loaded with weights_only=True)
     data: str
+    preprocess: PreprocessConfig = PreprocessConfig()
+    # top1 | top5 | cosine | sqnr | max_abs | package.module:callable(outputs, labels) -> float; auto: top1 with
+    # labels, else cosine against the float teacher. Budgets (max_accuracy_drop) apply to it.
+    metric: str = "auto"
+    metric_output: str | None = None  # the output top1/top5 score (default: the first)
     train: TeacherTrainConfig = TeacherTrainConfig()
     prune: PruneConfig = PruneConfig()
     distill: DistillConfig = DistillConfig()

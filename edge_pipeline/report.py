@@ -47,21 +47,22 @@ def _waterfall(run_dir: Path, targets: dict) -> str | None:
         params = m.get("params", m.get("params_after"))
         macs = m.get("macs", m.get("macs_after"))
         size = m.get("state_bytes")
-        acc = m.get("test_accuracy", m.get("val_accuracy_finetuned"))
+        acc = m.get("test_metric", m.get("val_metric_finetuned"))
         rows.append((label, params, macs, size, acc))
     for name, t in targets.items():
         if t.get("precision") == "int8" and "size_bytes" in t:
-            rows.append((name, None, None, t["size_bytes"], t.get("test_accuracy")))
+            rows.append((name, None, None, t["size_bytes"], t.get("test_metric")))
     if not rows:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, idx, title in zip(axes, (1, 2, 3, 4), ("params", "MACs", "size (bytes)", "test accuracy"), strict=True):
+    for ax, idx, title in zip(axes, (1, 2, 3, 4), ("params", "MACs", "size (bytes)", f"test {_metric(run_dir)}"),
+                              strict=True):
         labels = [r[0] for r in rows if r[idx] is not None]
         vals = [r[idx] for r in rows if r[idx] is not None]
         ax.bar(range(len(vals)), vals, color="#4c72b0")
         ax.set_xticks(range(len(vals)), labels, rotation=35, ha="right", fontsize=7)
         ax.set_title(title)
-        if idx == 4 and vals:
+        if idx == 4 and vals and max(vals) <= 1.0:
             ax.set_ylim(max(0.0, min(vals) - 0.05), 1.0)
     return _figure("Stage waterfall: teacher → pruned → student → int8", fig)
 
@@ -81,12 +82,12 @@ def _device_bars(results: dict) -> str | None:
     return _figure("Latency and size per target × device", fig)
 
 
-def _scatter(results: dict, targets: dict) -> str | None:
+def _scatter(results: dict, metric: str) -> str | None:
     pts = []
     for t, by in results.items():
         for d, m in by.items():
-            if "latency" in m and m.get("test_accuracy") is not None:
-                pts.append((t, d, m["size_bytes"], m["latency"]["p50_ms"], m["test_accuracy"]))
+            if "latency" in m and m.get("test_metric") is not None:
+                pts.append((t, d, m["size_bytes"], m["latency"]["p50_ms"], m["test_metric"]))
     if not pts:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(14, 4))
@@ -99,9 +100,9 @@ def _scatter(results: dict, targets: dict) -> str | None:
         fr = sorted(xy[i] for i in front)
         ax.plot([f[0] for f in fr], [f[1] for f in fr], "--", color="#c44e52", label="Pareto front")
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
+        ax.set_ylabel(f"test {metric}")
         ax.legend(fontsize=7)
-    return _figure("Accuracy vs size and vs latency (Pareto front in red)", fig)
+    return _figure(f"{metric} vs size and vs latency (Pareto front in red)", fig)
 
 
 def _prune_scan(run_dir: Path) -> str | None:
@@ -114,7 +115,7 @@ def _prune_scan(run_dir: Path) -> str | None:
         rs = sorted(drops, key=float)
         ax.plot([float(r) for r in rs], [drops[r] for r in rs], marker="o", label=layer)
     ax.set_xlabel("pruning ratio (this layer alone)")
-    ax.set_ylabel("validation accuracy drop")
+    ax.set_ylabel("validation metric drop")
     ax.legend(fontsize=6)
     return _figure("Pruning sensitivity scan", fig)
 
@@ -131,9 +132,8 @@ def _distill_curves(run_dir: Path) -> str | None:
         a1.plot(ep, [c["val_loss"] for c in curves], label="val")
     a1.legend(fontsize=7)
     a1.set_title("distillation loss")
-    if "val_accuracy" in curves[0]:
-        a2.plot(ep, [c["val_accuracy"] for c in curves], label="val accuracy")
-    a2.plot(ep, [c["val_agreement"] for c in curves], label="agreement with teacher")
+    a2.plot(ep, [c["val_metric"] for c in curves], label="val metric")
+    a2.plot(ep, [c["val_cosine"] for c in curves], label="cosine with teacher (worst output)")
     a2.legend(fontsize=7)
     a2.set_xlabel("epoch")
     return _figure("Distillation curves", fig)
@@ -148,7 +148,7 @@ def _quant_sensitivity(targets: dict) -> str | None:
         layers = list(s)
         ax.bar([j + i * 0.25 for j in range(len(layers))], [s[n] for n in layers], width=0.25, label=t)
         ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("val accuracy recovered,\nonly this layer float")
+    ax.set_ylabel("val metric recovered,\nonly this layer float")
     ax.legend(fontsize=7)
     return _figure("Per-layer quantization sensitivity", fig)
 
@@ -168,19 +168,9 @@ def _coverage_table(targets: dict) -> str:
             + "".join(rows) + "</table>")
 
 
-def _methods_table(lower_metrics: dict) -> str:
-    cmp = lower_metrics.get("calibration_methods_on_teacher")
-    if not cmp:
-        return ""
-    methods = sorted({m for by in cmp["by_backend"].values() for m in by})
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in methods)
-    rows = []
-    for backend, by in cmp["by_backend"].items():
-        cells = "".join(f"<td>{by[m]['test_accuracy']:.4f}</td>" if m in by else "<td></td>" for m in methods)
-        rows.append(f"<tr><td>{html.escape(backend)}</td>{cells}</tr>")
-    return (f"<h2>Calibration methods on the teacher (test accuracy; float {cmp['float_test_accuracy']:.4f})</h2>"
-            f"<p>'default' is the backend's own quantizer with its default settings.</p>"
-            f"<table><tr><th>backend</th>{head}</tr>{''.join(rows)}</table>")
+def _metric(run_dir: Path) -> str:
+    rec = find_stage(run_dir, "teacher")
+    return (rec[1]["metrics"].get("metric") if rec else None) or "metric"
 
 
 def write_report(run_dir: Path, dest: Path) -> Path:
@@ -189,13 +179,13 @@ def write_report(run_dir: Path, dest: Path) -> Path:
     targets = lower[1]["metrics"]["targets"] if lower else {}
     dev = find_stage(run_dir, "device-test")
     results = dev[1]["metrics"]["results"] if dev else {}
-    sections = [s for s in (_waterfall(run_dir, targets), _device_bars(results), _scatter(results, targets),
+    sections = [s for s in (_waterfall(run_dir, targets), _device_bars(results), _scatter(results, _metric(run_dir)),
                             _prune_scan(run_dir), _distill_curves(run_dir), _quant_sensitivity(targets)) if s]
     title = f"edge-pipeline report: {run_dir.parent.name}/{run_dir.name}"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img.plot{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}</style></head>
-<body><h1>{html.escape(title)}</h1>{''.join(sections)}{_methods_table(lower[1]["metrics"] if lower else {})}
+<body><h1>{html.escape(title)}</h1>{''.join(sections)}
 <h2>Operator coverage</h2>{_coverage_table(targets)}
 <script>
 window.addEventListener('load', () => {{

@@ -52,7 +52,7 @@ def test_bench_measures_four_variants_per_backend(write_recipe, tmp_path, monkey
     monkeypatch.setattr(bench, "WARMUP", 1)
     monkeypatch.setattr(bench, "ROUNDS", 1)
     recipe = write_recipe(prune={"ratio": 0.5, "iterative_steps": 1, "finetune_epochs": 1},
-                          distill={"epochs": 2}, calibrate={"samples": 32, "compare_methods": False},
+                          distill={"epochs": 2}, calibrate={"samples": 32},
                           targets=["ort-mobile-int8"])
     doc = bench.bench([str(recipe)], tmp_path / "BENCH.md", out_root=tmp_path / "runs")
     r = doc["recipes"][0]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from edge_pipeline.backends import pt2e
+from edge_pipeline.interface import ModelInterface
 from edge_pipeline.targets import Profile
 
 SUFFIX = ".pte"
@@ -32,15 +33,16 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
     return q
 
 
-def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, profile: Profile, out_dir: Path,
-           float_layers=(), default_flow: bool = False) -> Path:
+def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
+           profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
+           fixtures: bool = True) -> Path:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     model = model.eval()
     if profile.precision == "int8":
-        model = pt2e.quantize(model, example, calibration, _quantizer(profile, float_layers, default_flow))
-    ep = torch.export.export(model, (example,))
+        model = pt2e.quantize(model, calibration, _quantizer(profile, float_layers, default_flow))
+    ep = torch.export.export(model, example)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph
     ops = Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
@@ -49,26 +51,24 @@ def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, pro
     prog = edge.to_executorch()
     path = out_dir / f"model{SUFFIX}"
     path.write_bytes(prog.buffer)
-    _write_bundled(prog, example, model, out_dir)
+    if fixtures:
+        _write_bundled(prog, example, model, out_dir)
     info = {"backend": "executorch", "delegate": "XnnpackBackend", "delegated_subgraphs": delegated,
-            "portable_ops": portable, "float_layers": list(float_layers),
-            "inputs": [{"name": "x", "shape": list(example.shape), "dtype": "float32"}],
-            "outputs": [{"name": "logits", "dtype": "float32"}],
-            "quantized_io": None}
+            "portable_ops": portable, "float_layers": list(float_layers), **iface.to_dict(), "quantized_io": None}
     (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
     return path
 
 
-def _write_bundled(prog, example: torch.Tensor, model, out_dir: Path) -> None:
+def _write_bundled(prog, example: tuple[torch.Tensor, ...], model, out_dir: Path) -> None:
     """A BundledProgram (.bpte): the program plus golden inputs and expected outputs for executor_runner."""
     from executorch.devtools import BundledProgram
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
     from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
 
     with torch.no_grad():
-        expected = model(example)
+        expected = list(model(*example))
     suite = MethodTestSuite(method_name="forward",
-                            test_cases=[MethodTestCase(inputs=[example], expected_outputs=[expected])])
+                            test_cases=[MethodTestCase(inputs=list(example), expected_outputs=expected)])
     bundled = BundledProgram(prog, [suite])
     (out_dir / "model.bpte").write_bytes(serialize_from_bundled_program_to_flatbuffer(bundled))
 

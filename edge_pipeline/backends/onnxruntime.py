@@ -13,20 +13,21 @@ import torch
 from torch import nn
 
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.interface import ModelInterface, flat_name
 from edge_pipeline.targets import Profile
 
 SUFFIX = ".ort"
 RUNTIME = "onnxruntime"
-INPUT, OUTPUT = "input", "logits"
 ORT_METHODS = {"minmax": "MinMax", "moving_average": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
-def _reader(calibration: np.ndarray):
+def _reader(calibration: tuple[np.ndarray, ...], names: list[str]):
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self._it = iter([{INPUT: calibration[i:i + 1]} for i in range(len(calibration))])
+            self._it = iter([{n: a[i:i + 1] for n, a in zip(names, calibration, strict=True)}
+                             for i in range(len(calibration[0]))])
 
         def get_next(self):
             return next(self._it, None)
@@ -34,20 +35,21 @@ def _reader(calibration: np.ndarray):
     return Reader()
 
 
-def _float_onnx(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    prog = torch.onnx.export(model.eval(), (example,), dynamo=True, input_names=[INPUT], output_names=[OUTPUT],
-                             verbose=False)
+def _float_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, iface: ModelInterface) -> None:
+    prog = torch.onnx.export(model.eval(), example, dynamo=True, input_names=iface.input_names,
+                             output_names=iface.output_names, verbose=False)
     prog.save(str(path), external_data=False)
 
 
-def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, profile: Profile, out_dir: Path,
-           float_layers=(), default_flow: bool = False) -> Path:
+def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
+           profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
+           fixtures: bool = True) -> Path:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     build = out_dir / "build"
     build.mkdir()
-    _float_onnx(model, example, build / "float.onnx")
+    _float_onnx(model, example, build / "float.onnx", iface)
     final = out_dir / "model.onnx"
     if profile.precision == "int8":
         quant_pre_process(str(build / "float.onnx"), str(build / "pre.onnx"))
@@ -66,34 +68,43 @@ def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, pro
                 extra["CalibPercentile"] = q.percentile
             kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                           calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]), extra_options=extra,
-                          nodes_to_exclude=_onnx_nodes_for(build / "pre.onnx", float_layers))
-        quantize_static(str(build / "pre.onnx"), str(final), _reader(calibration), quant_format=QuantFormat.QDQ,
-                        **kwargs)
+                          nodes_to_exclude=onnx_nodes_for(build / "pre.onnx", float_layers))
+        quantize_static(str(build / "pre.onnx"), str(final), _reader(calibration, iface.input_names),
+                        quant_format=QuantFormat.QDQ, **kwargs)
     else:
         shutil.copy(build / "float.onnx", final)
     _to_ort(final, out_dir, profile.platform)
-    _write_test_data(final, example, out_dir)
-    usability = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability",
-                                str(final)], capture_output=True, text=True)
-    (out_dir / "mobile_usability.txt").write_text(usability.stdout + usability.stderr)
+    if fixtures:
+        _write_test_data(final, example, out_dir, iface)
+        usability = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability",
+                                    str(final)], capture_output=True, text=True)
+        (out_dir / "mobile_usability.txt").write_text(usability.stdout + usability.stderr)
     shutil.rmtree(build)
     (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers), indent=1))
     return out_dir / f"model{SUFFIX}"
 
 
-def _onnx_nodes_for(path: Path, layers) -> list[str]:
-    """ONNX node names that come from the given torch module names (the dynamo exporter keeps them)."""
+def module_paths(node) -> list[str]:
+    """The torch module paths an ONNX node came from: the dynamo exporter records them in
+    ``pkg.torch.onnx.name_scopes`` as a list, outermost first (``['', 'model', 'model.features.0']``)."""
+    for p in node.metadata_props:
+        if p.key == "pkg.torch.onnx.name_scopes":
+            try:
+                return [str(v) for v in json.loads(p.value.replace("'", '"'))]
+            except json.JSONDecodeError:
+                return []
+    return []
+
+
+def onnx_nodes_for(path: Path, layers) -> list[str]:
+    """ONNX node names that come from exactly these torch modules (or from inside them): ``features.1`` never
+    matches ``features.10``, and layers named on one source line are told apart by their module paths."""
     if not layers:
         return []
     import onnx
 
-    nodes = onnx.load(str(path)).graph.node
-    out = []
-    for n in nodes:
-        scope = " ".join(p.value for p in n.metadata_props if "stack" in p.key or "scope" in p.key) + " " + n.name
-        if any(layer.replace(".", "_") in scope.replace(".", "_") for layer in layers):
-            out.append(n.name)
-    return out
+    wanted = {flat_name(layer) for layer in layers}
+    return [n.name for n in onnx.load(str(path)).graph.node if wanted & set(module_paths(n))]
 
 
 def _to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
@@ -107,17 +118,20 @@ def _to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
         cfg.rename(out_dir / "required_operators.config")
 
 
-def _write_test_data(onnx_path: Path, example: torch.Tensor, out_dir: Path) -> None:
-    """test_data_set_0/input_0.pb and output_0.pb, as onnx_test_runner and onnxruntime_perf_test read them."""
+def _write_test_data(onnx_path: Path, example: tuple[torch.Tensor, ...], out_dir: Path,
+                     iface: ModelInterface) -> None:
+    """test_data_set_0/input_<i>.pb and output_<i>.pb, as onnx_test_runner and onnxruntime_perf_test read them."""
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    x = example.numpy()
-    y = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, {INPUT: x})[0]
+    xs = {n: t.numpy() for n, t in zip(iface.input_names, example, strict=True)}
+    ys = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).run(None, xs)
     d = out_dir / "test_data_set_0"
     d.mkdir()
-    (d / "input_0.pb").write_bytes(numpy_helper.from_array(x, INPUT).SerializeToString())
-    (d / "output_0.pb").write_bytes(numpy_helper.from_array(y, OUTPUT).SerializeToString())
+    for i, (n, x) in enumerate(xs.items()):
+        (d / f"input_{i}.pb").write_bytes(numpy_helper.from_array(x, n).SerializeToString())
+    for i, (n, y) in enumerate(zip(iface.output_names, ys, strict=True)):
+        (d / f"output_{i}.pb").write_bytes(numpy_helper.from_array(y, n).SerializeToString())
 
 
 def _describe(onnx_path: Path, out_dir: Path, float_layers) -> dict:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.interface import flat_name
 from edge_pipeline.targets import Profile
 
 PT2E_METHODS = ("minmax", "moving_average", "histogram")
@@ -35,16 +36,36 @@ def configure(base_config, profile: Profile):
     return dataclasses.replace(base_config, input_activation=act, output_activation=act)
 
 
-def quantize(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, quantizer,
+CALIBRATION_BATCH = 32
+
+
+def export_for_calibration(model: nn.Module, calibration: tuple[np.ndarray, ...]) -> tuple[torch.fx.GraphModule, int]:
+    """One ``torch.export`` of the float model with a dynamic batch, so the representative set runs in batches
+    (a batch-1 export rejects them); a model that will not export with a dynamic batch is calibrated row by
+    row. Returns the graph module and the batch size it takes."""
+    n = min(16, len(calibration[0]))
+    if n >= 2:
+        example = tuple(torch.from_numpy(a[:n]) for a in calibration)
+        batch = torch.export.Dim("batch", min=1, max=max(CALIBRATION_BATCH, n))
+        try:
+            ep = torch.export.export(model.eval(), example, dynamic_shapes=tuple({0: batch} for _ in example))
+            return ep.module(), CALIBRATION_BATCH
+        except Exception:  # noqa: BLE001 - shape-specialized models: fall back to batch 1
+            pass
+    example = tuple(torch.from_numpy(a[:1]) for a in calibration)
+    return torch.export.export(model.eval(), example).module(), 1
+
+
+def quantize(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer,
              fold_quantize: bool = True) -> torch.fx.GraphModule:
-    """torch.export -> prepare_pt2e -> run the representative set -> convert_pt2e."""
+    """torch.export -> prepare_pt2e -> run the representative set (batched where it can) -> convert_pt2e."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    gm = torch.export.export(model.eval(), (example,)).module()
+    gm, batch = export_for_calibration(model, calibration)
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
-        for i in range(len(calibration)):
-            gm(torch.from_numpy(calibration[i:i + 1]))
+        for i in range(0, len(calibration[0]), batch):
+            gm(*[torch.from_numpy(a[i:i + batch]) for a in calibration])
     return convert_pt2e(gm, fold_quantize=fold_quantize)
 
 
@@ -57,4 +78,4 @@ def keep_float(quantizer, layers) -> None:
     entry is set directly.
     """
     for name in layers:
-        quantizer.module_name_config[name] = None
+        quantizer.module_name_config[flat_name(name)] = None

@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 from edge_pipeline.backends import pt2e
+from edge_pipeline.devices.runner import load_runner
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.interface import ModelInterface
 from edge_pipeline.targets import Profile
 
 SUFFIX = ".tflite"
@@ -20,8 +22,9 @@ RUNTIME = "ai_edge_litert"
 MIXED_PRECISION = False
 
 
-def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, profile: Profile, out_dir: Path,
-           float_layers=(), default_flow: bool = False) -> Path:
+def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
+           profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
+           fixtures: bool = True) -> Path:
     import litert_torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
@@ -40,46 +43,52 @@ def export(model: nn.Module, example: torch.Tensor, calibration: np.ndarray, pro
                                                      is_dynamic=False)
             q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
         pt2e.keep_float(q, float_layers)
-        gm = pt2e.quantize(model, example, calibration, q, fold_quantize=False)
-        edge = litert_torch.convert(gm, (example,), quant_config=QuantConfig(pt2e_quantizer=q))
+        gm = pt2e.quantize(model, calibration, q, fold_quantize=False)
+        edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))
     else:
-        edge = litert_torch.convert(model, (example,))
+        edge = litert_torch.convert(model, example)
     edge.export(str(path))
-    info = _describe(path, float_layers)
+    info = _describe(path, iface, float_layers)
     (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
-    _write_raw_input(path, example, info, out_dir)
+    if fixtures:
+        _write_raw_inputs(example, info, out_dir)
     return path
 
 
-def _write_raw_input(path: Path, example: torch.Tensor, info: dict, out_dir: Path) -> None:
-    """A raw input file for benchmark_model --input_layer_value_files, in the model's own input dtype."""
-    x = example.numpy()
-    q = info["inputs"][0].get("quantization")
-    if q:
-        x = np.clip(np.round(x / q["scale"] + q["zero_point"]), -128, 127).astype(np.int8)
-    (out_dir / "input_0.raw").write_bytes(np.ascontiguousarray(x).tobytes())
+def _write_raw_inputs(example: tuple[torch.Tensor, ...], info: dict, out_dir: Path) -> None:
+    """input_<i>.raw for benchmark_model --input_layer_value_files, each in the model's own input dtype."""
+    for i, (t, spec) in enumerate(zip(example, info["inputs"], strict=True)):
+        x, q = t.numpy(), spec.get("quantization")
+        if q:
+            x = np.clip(np.round(x / q["scale"] + q["zero_point"]), -128, 127)
+        (out_dir / f"input_{i}.raw").write_bytes(np.ascontiguousarray(x, dtype=spec["dtype"]).tobytes())
 
 
-def _describe(path: Path, float_layers) -> dict:
+def _describe(path: Path, iface: ModelInterface, float_layers) -> dict:
+    """I/O in the model's order under the interface's names, with the file's own tensor names, dtypes and
+    int8 scale/zero point per tensor."""
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_path=str(path))
     it.allocate_tensors()
 
-    def io(details):
+    def io(details, specs):
         out = []
-        for d in details:
+        for d, spec in zip(details, specs, strict=True):
             scale, zp = d["quantization"]
-            out.append({"name": d["name"], "shape": d["shape"].tolist(), "dtype": np.dtype(d["dtype"]).name,
+            out.append({"name": spec.name, "tensor": d["name"], "shape": d["shape"].tolist(),
+                        "dtype": np.dtype(d["dtype"]).name,
                         "quantization": {"scale": float(scale), "zero_point": int(zp)} if scale else None})
         return out
 
     ops: dict[str, int] = {}
     for op in it._get_ops_details():
         ops[op["op_name"]] = ops.get(op["op_name"], 0) + 1
-    inputs, outputs = io(it.get_input_details()), io(it.get_output_details())
+    ins, outs = load_runner().tflite_io(it)
+    inputs, outputs = io(ins, iface.inputs), io(outs, iface.outputs)
     return {"backend": "tflite", "ops": ops, "inputs": inputs, "outputs": outputs, "float_layers": list(float_layers),
-            "quantized_io": {"input": inputs[0]["quantization"], "output": outputs[0]["quantization"]}}
+            "quantized_io": {"inputs": {d["name"]: d["quantization"] for d in inputs},
+                             "outputs": {d["name"]: d["quantization"] for d in outputs}}}
 
 
 def describe(path: Path) -> dict:

@@ -3,7 +3,8 @@
 Model sources: ``zoo:NAME`` (an architecture from :mod:`.zoo`, trained by the pipeline's teacher stage) and
 ``package.module:callable`` (a user's function returning a trained ``nn.Module``).
 Data sources: ``zoo:digits``/``zoo:digits32``, an ``.npz`` file, an image folder, or
-``package.module:callable`` returning :class:`Splits` or ``(x, y)`` arrays.
+``package.module:callable`` returning :class:`Splits`, ``(x, y)`` arrays (x may be a tuple of arrays, y None),
+a torch ``Dataset`` or ``DataLoader`` (streamed, split here), or a dict of ``train``/``val``/``test`` splits.
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.sources.data import DATA_ZOO, Split, Splits, load_image_folder, load_npz, split_arrays
+from edge_pipeline.sources.data import DATA_ZOO, Split, Splits, load_npz, presplit, split_arrays, split_dataset
 
 # Names only, so that validating a recipe does not import torch (zoo.MODEL_ZOO holds the classes).
 ZOO_MODELS = ("digits-cnn", "mobilenetv2-tiny", "resnet-tiny")
@@ -104,7 +103,8 @@ def check_data_source(source: str, where: str) -> None:
     _import_callable(source, where)
 
 
-def load_data(source: str, where: str = "data") -> Splits:
+def load_data(source: str, where: str = "data", preprocess: dict | None = None) -> Splits:
+    """The data a recipe names, checked (labels, NaN/Inf, lengths, sizes) and split."""
     check_data_source(source, where)
     if is_zoo(source):
         return DATA_ZOO[source[4:]]()
@@ -112,12 +112,24 @@ def load_data(source: str, where: str = "data") -> Splits:
     if path.is_file():
         return load_npz(path)
     if path.is_dir():
-        return load_image_folder(path)
-    out = _import_callable(source, where)()
+        from edge_pipeline.sources.images import load_image_folder
+
+        return load_image_folder(path, preprocess)
+    try:
+        out = _import_callable(source, where)()
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's loader failing is bad input, said plainly
+        raise PipelineError(f"data source '{source}' raised {type(e).__name__}: {e}", where=where) from None
     if isinstance(out, Splits):
         return out
+    if isinstance(out, dict):
+        return presplit(out, source)
     if isinstance(out, tuple) and len(out) == 2:
-        x, y = np.asarray(out[0]), None if out[1] is None else np.asarray(out[1])
-        classes = None if y is None else [str(i) for i in range(int(y.max()) + 1)]
-        return split_arrays(x, y, classes, source)
-    raise PipelineError(f"'{source}' returned {type(out).__name__}; expected Splits or (x, y)", where=where)
+        return split_arrays(out[0], out[1], None, source)
+    dataset = getattr(out, "dataset", out)  # a DataLoader streams its dataset
+    if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
+        return split_dataset(dataset, source, getattr(dataset, "classes", None))
+    raise PipelineError(f"'{source}' returned {type(out).__name__}", where=where,
+                        hint="return Splits, (x, y) arrays, a torch Dataset or DataLoader, or a dict of "
+                             "train/val/test")

@@ -19,37 +19,44 @@ from edge_pipeline.runstore import sha256_file
 from edge_pipeline.sources import Splits
 
 
-def draw(data: Splits, n: int, seed: int) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Seeded draw from the training split only; stratified by class when labels exist."""
+def draw(data: Splits, n: int, seed: int) -> tuple[tuple[np.ndarray, ...], np.ndarray | None, str]:
+    """Seeded draw from the training split only; stratified by class where every class allows it."""
+    from sklearn.model_selection import train_test_split
+
     rng = np.random.default_rng(seed)
-    n = min(n, len(data.train))
-    if data.train.y is None:
-        idx = rng.choice(len(data.train), n, replace=False)
-        sampling = "uniform"
-    else:
-        from sklearn.model_selection import train_test_split
-
-        idx = np.arange(len(data.train)) if n == len(data.train) else train_test_split(
-            np.arange(len(data.train)), train_size=n, random_state=seed, stratify=data.train.y)[0]
-        sampling = "stratified by class"
+    total = len(data.train)
+    n = min(n, total)
+    y_all = data.train.y
+    idx, sampling = None, "uniform"
+    if y_all is not None and n < total:
+        try:
+            idx = train_test_split(np.arange(total), train_size=n, random_state=seed, stratify=y_all)[0]
+            sampling = "stratified by class"
+        except ValueError:  # a class too rare to stratify: a plain seeded draw, said so in the provenance
+            sampling = "uniform (classes too rare to stratify)"
+    elif y_all is not None:
+        idx, sampling = np.arange(total), "all training rows"
+    if idx is None:
+        idx = rng.choice(total, n, replace=False)
     idx = np.sort(idx)
-    y = None if data.train.y is None else data.train.y[idx]
-    return np.ascontiguousarray(data.train.x[idx]), y, sampling
+    return data.train.rows(idx), None if y_all is None else y_all[idx], sampling
 
 
-def provenance(data: Splits, x: np.ndarray, y: np.ndarray | None, seed: int, sampling: str) -> dict:
+def provenance(data: Splits, x: tuple[np.ndarray, ...], y: np.ndarray | None, seed: int, sampling: str) -> dict:
     hist = None if y is None else {str(c): int((y == i).sum()) for i, c in enumerate(data.classes or [])}
-    return {"source": data.source, "split": "train", "seed": seed, "sampling": sampling, "samples": len(x),
-            "shape": list(x.shape[1:]), "dtype": str(x.dtype), "class_histogram": hist,
-            "input_stats": None if not len(x) else {"min": float(x.min()), "max": float(x.max()),
-                                                    "mean": float(x.mean()), "std": float(x.std())}}
+    return {"source": data.source, "data_fingerprint": data.fingerprint(), "split": "train", "seed": seed,
+            "sampling": sampling, "samples": len(x[0]), "inputs": [
+                {"shape": list(a.shape[1:]), "dtype": str(a.dtype),
+                 "stats": None if a.dtype.kind != "f" else {"min": float(a.min()), "max": float(a.max()),
+                                                            "mean": float(a.mean()), "std": float(a.std())}}
+                for a in x], "class_histogram": hist}
 
 
-def write_set(base: Path, x: np.ndarray, y: np.ndarray | None, prov: dict) -> dict:
+def write_set(base: Path, x: tuple[np.ndarray, ...], y: np.ndarray | None, prov: dict) -> dict:
     base.parent.mkdir(parents=True, exist_ok=True)
     npz = base.with_suffix(".npz")
     tmp = base.with_name(base.name + ".tmp.npz")
-    arrays = {"x": x} if y is None else {"x": x, "y": y}
+    arrays = {f"input_{i}": a for i, a in enumerate(x)} | ({} if y is None else {"y": y})
     np.savez(tmp, **arrays)
     tmp.replace(npz)
     prov = {**prov, "sha256": sha256_file(npz)}
@@ -57,12 +64,23 @@ def write_set(base: Path, x: np.ndarray, y: np.ndarray | None, prov: dict) -> di
     return prov
 
 
-def _row_hashes(x: np.ndarray) -> set[str]:
-    return {hashlib.sha1(np.ascontiguousarray(r).tobytes()).hexdigest() for r in x}
+def _row_hashes(rows: tuple[np.ndarray, ...]) -> set[str]:
+    return {hashlib.sha1(b"".join(np.ascontiguousarray(a[i]).tobytes() for a in rows)).hexdigest()
+            for i in range(len(rows[0]))}
 
 
-def load_set(base: Path, data: Splits) -> tuple[np.ndarray, dict]:
-    """A pinned set, checked: checksum, provenance, shape, dtype, non-empty, not from the evaluation split."""
+def _split_hashes(split) -> set[str]:
+    out: set[str] = set()
+    for inputs, _ in split.batches(256):
+        out |= _row_hashes(inputs)
+    return out
+
+
+def load_set(base: Path, data: Splits) -> tuple[tuple[np.ndarray, ...], dict]:
+    """A pinned set, checked: checksum, provenance, data, shapes, dtypes, non-empty, not from the evaluation
+    splits."""
+    from edge_pipeline.devices.runner import load_runner
+
     npz, meta = base.with_suffix(".npz"), base.with_suffix(".json")
     where = str(npz)
     if not meta.is_file():
@@ -75,18 +93,27 @@ def load_set(base: Path, data: Splits) -> tuple[np.ndarray, dict]:
     if prov.get("split") != "train":
         raise PipelineError(f"representative set was drawn from the '{prov.get('split')}' split",
                             where=f"{meta}: split", hint="calibration data must come from the training split")
-    with np.load(npz, allow_pickle=False) as z:
-        if "x" not in z.files:
-            raise PipelineError("representative set has no array 'x'", where=where)
-        x = z["x"]
-    if len(x) == 0:
+    recorded = prov.get("data_fingerprint")
+    if recorded is not None and recorded != data.fingerprint():
+        raise PipelineError("representative set was drawn from other data than the recipe's", where=str(meta),
+                            hint="delete the set's .npz and .json to draw a new one from this data")
+    x = tuple(load_runner().load_inputs(str(npz)))
+    if not x:
+        raise PipelineError("representative set has no array 'x' or 'input_0'", where=where)
+    example = data.example
+    if len(x[0]) == 0:
         raise PipelineError("representative set is empty", where=where, hint="draw at least one sample")
-    if x.dtype != np.float32:
-        raise PipelineError(f"representative set has dtype {x.dtype}, the model takes float32", where=where)
-    if tuple(x.shape[1:]) != data.input_shape:
-        raise PipelineError(f"representative set has input shape {tuple(x.shape[1:])}, the data has "
-                            f"{data.input_shape}", where=where, hint="draw a new set for this data")
-    overlap = _row_hashes(x) & (_row_hashes(data.test.x) | _row_hashes(data.val.x))
+    if len(x) != len(example):
+        raise PipelineError(f"representative set has {len(x)} input(s), the data has {len(example)}", where=where,
+                            hint="draw a new set for this data")
+    for i, (a, e) in enumerate(zip(x, example, strict=True)):
+        if a.dtype != e.dtype:
+            raise PipelineError(f"representative set input {i} has dtype {a.dtype}, the data has {e.dtype}",
+                                where=where)
+        if a.shape[1:] != e.shape[1:]:
+            raise PipelineError(f"representative set has input shape {tuple(a.shape[1:])}, the data has "
+                                f"{tuple(e.shape[1:])}", where=where, hint="draw a new set for this data")
+    overlap = _row_hashes(x) & (_split_hashes(data.test) | _split_hashes(data.val))
     if overlap:
         raise PipelineError(f"representative set holds {len(overlap)} sample(s) of the evaluation split",
                             where=where, hint="calibration data must come from the training split only")
@@ -112,5 +139,5 @@ def run(ctx, out: Path) -> dict:
         shutil.copy(base.with_suffix(".json"), out / "calibration.json")
     else:
         prov = write_set(out / "calibration", x, y, prov)
-    return {"samples": len(x), "sha256": prov["sha256"], "pinned_set": str(base) if base else None,
-            "pinned": pinned, "class_histogram": prov.get("class_histogram")}
+    return {"samples": len(x[0]), "sha256": prov["sha256"], "pinned_set": str(base) if base else None,
+            "pinned": pinned, "sampling": prov.get("sampling"), "class_histogram": prov.get("class_histogram")}

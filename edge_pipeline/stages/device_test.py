@@ -15,14 +15,14 @@ import numpy as np
 
 from edge_pipeline import progress
 from edge_pipeline.devices import open_device, parse_device
-from edge_pipeline.devices.runner import RUNNER_PATH
+from edge_pipeline.devices.runner import RUNNER_PATH, load_runner
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.evaluation import Evaluator
 from edge_pipeline.targets import Profile, load_profile, platform_notes
-from edge_pipeline.training import agreement, top1
 
 
 def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, runs: int,
-                      warmup: int, pin: bool = False) -> tuple[dict, np.ndarray]:
+                      warmup: int, pin: bool = False) -> tuple[dict, list[np.ndarray]]:
     device.push([RUNNER_PATH, artifact, inputs_npz])
     argv = [device.python, RUNNER_PATH.name, artifact.name, inputs_npz.name, "result.json", "--threads", str(threads),
             "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz"] + (["--pin"] if pin else [])
@@ -35,33 +35,31 @@ def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, ru
         device.pull("result.json", Path(tmp) / "result.json")
         device.pull("outputs.npz", Path(tmp) / "outputs.npz")
         result = json.loads((Path(tmp) / "result.json").read_text())
-        with np.load(Path(tmp) / "outputs.npz") as z:
-            outputs = z["y"]
+        outputs = load_runner().load_outputs(str(Path(tmp) / "outputs.npz"))
     return result, outputs
 
 
-def accuracy_figures(outputs: np.ndarray, labels: np.ndarray | None, teacher: np.ndarray) -> dict:
-    out = {"agreement_with_teacher": agreement(outputs, teacher)}
-    if labels is not None:
-        out["test_accuracy"] = top1(outputs, labels)
-    return out
+def write_inputs(path: Path, split) -> None:
+    """The split's inputs as the runner reads them (``input_0``, ``input_1``, ...)."""
+    rows = split.rows(np.arange(len(split)))
+    np.savez(path, **{f"input_{i}": a for i, a in enumerate(rows)})
 
 
-def check_budgets(profile: Profile, m: dict, reference_accuracy: float | None) -> list[str]:
-    drop = None if reference_accuracy is None or "test_accuracy" not in m else reference_accuracy - m["test_accuracy"]
-    return profile.budgets.violations(size_bytes=m["size_bytes"], accuracy_drop=drop, p50_ms=m["latency"]["p50_ms"])
+def check_budgets(profile: Profile, m: dict) -> list[str]:
+    return profile.budgets.violations(size_bytes=m["size_bytes"], accuracy_drop=m.get("metric_drop"),
+                                      p50_ms=m["latency"]["p50_ms"])
 
 
-def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], x: np.ndarray,
-                 labels: np.ndarray | None, teacher_out: np.ndarray, threads: int | None, runs: int, warmup: int,
-                 timeout: float) -> dict:
-    """Every target x device; returns {"results": {target: {device: metrics}}, "failed_targets": [...]}."""
+def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], ev: Evaluator,
+                 threads: int | None, runs: int, warmup: int, timeout: float) -> dict:
+    """Every target x device; returns {"results": {target: {device: metrics}}, "failed_targets": [...]}.
+    The test split's outputs come back from the device and are scored here with the recipe's metric."""
     results: dict[str, dict] = {}
     failed: set[str] = set()
-    reference = lower_metrics.get("float", {}).get("test_accuracy")
+    float_metric = lower_metrics.get("float", {}).get("test_metric")
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "eval_inputs.npz"
-        np.savez(inputs, x=x)
+        write_inputs(inputs, ev.data.test)
         with progress.task("device tests", total=len(profiles) * len(devices)) as task:
 
             def record(target: str, device_spec: str, m: dict) -> None:
@@ -75,7 +73,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                     device = open_device(parse_device(dev_spec), timeout)
                 except PipelineError as e:
                     for p in profiles:
-                        record(p.name, dev_spec, {"error": str(e)})
+                        record(p.name, dev_spec, {"error": str(e), "unreachable": True})
                     continue
                 try:
                     for p in profiles:
@@ -87,28 +85,23 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                         try:
                             m, outputs = measure_on_device(device, lower_dir / tm["artifact"], inputs,
                                                            threads or p.threads, runs, warmup)
-                            m.update(accuracy_figures(outputs, labels, teacher_out))
-                            m["failures"] = check_budgets(p, m, reference)
+                            m.update(ev.figures(outputs, "test"))
+                            m["metric_drop"] = ev.metric.drop(m["test_metric"], float_metric)
+                            m["failures"] = check_budgets(p, m)
                             m["notes"] = platform_notes(p, m["conditions"].get("arch"))
                         except PipelineError as e:
                             m = {"error": str(e), "failures": [str(e)]}
                         record(p.name, dev_spec, m)
                 finally:
                     device.close()
-    return {"results": results, "failed_targets": sorted(failed), "float_test_accuracy": reference}
+    return {"results": results, "failed_targets": sorted(failed), "metric": ev.metric.name,
+            "float_test_metric": float_metric}
 
 
 def run(ctx, out: Path) -> dict:
-    from edge_pipeline.modelio import load_model
-    from edge_pipeline.training import predict
-
     cfg = ctx.recipe.device_test
-    teacher, _ = load_model(ctx.stage_dir("teacher") / "model.pt")
-    teacher_out = predict(teacher, ctx.data.test.x)
-    lower_metrics = ctx.metrics["lower"]
     profiles = [load_profile(t) for t in ctx.recipe.targets]
-    res = test_targets(ctx.stage_dir("lower"), lower_metrics, profiles, ctx.recipe.devices, ctx.data.test.x,
-                       ctx.data.test.y, teacher_out, cfg.threads, cfg.runs,
-                       cfg.warmup, cfg.timeout_s)
+    res = test_targets(ctx.stage_dir("lower"), ctx.metrics["lower"], profiles, ctx.recipe.devices, ctx.evaluator,
+                       cfg.threads, cfg.runs, cfg.warmup, cfg.timeout_s)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res

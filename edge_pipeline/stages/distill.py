@@ -19,18 +19,20 @@ from torch.nn import functional as F
 
 from edge_pipeline import distributed, progress
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.evaluation import Evaluator, agreement, predict
+from edge_pipeline.interface import FlatModel, ModelInterface
 from edge_pipeline.modelio import load_model, save_model
 from edge_pipeline.modelstats import model_stats
-from edge_pipeline.recipe import DistillConfig
-from edge_pipeline.sources import Splits, build_model
-from edge_pipeline.training import agreement, predict, seed_everything, top1, warmup_cosine
+from edge_pipeline.recipe import DistillConfig, Recipe
+from edge_pipeline.sources import Splits, build_model, is_zoo
+from edge_pipeline.training import seed_everything, tensors, warmup_cosine
 
 
 @dataclass(frozen=True)
 class DistillResult:
     model: nn.Module
     arch: dict
-    curves: list[dict]  # per epoch: train_loss, val_accuracy, val_agreement
+    curves: list[dict]  # per epoch: train_loss, val_loss, val_metric, val_cosine
     best_epoch: int
 
 
@@ -50,6 +52,58 @@ def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: f
     return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
 
 
+def logit_outputs(requested: list[str] | None, ev: Evaluator) -> list[str]:
+    """Outputs distilled as class scores: as the recipe names them, else the metric's output with labels."""
+    if requested is not None:
+        return requested
+    return [ev.metric.output] if ev.metric.output and ev.data.train.y is not None else []
+
+
+def loss_for(cfg: DistillConfig | None, ev: Evaluator, alpha: float | None = None,
+             temperature: float | None = None):
+    """The student's loss against the teacher, over every output: KD at the temperature (plus cross-entropy
+    on the labels) for class-score outputs, MSE for the rest (boxes, landmarks, embeddings, probabilities)."""
+    names = ev.names
+    logits = set(logit_outputs(cfg.logit_outputs if cfg else None, ev))
+    alpha = cfg.alpha if cfg else alpha
+    t = cfg.temperature if cfg else temperature
+    soft_only = cfg.soft_only if cfg else False
+
+    def loss(s_outs, t_outs, labels):
+        total = 0.0
+        for name, s, te in zip(names, s_outs, t_outs, strict=True):
+            if name in logits:
+                total = total + kd_loss(s.flatten(1), te.flatten(1), labels if name == ev.metric.output else None,
+                                        alpha, t, soft_only)
+            else:
+                total = total + F.mse_loss(s.float(), te.float())
+        return total / len(names)
+    return loss
+
+
+def fit_to_teacher(student: nn.Module, teacher: nn.Module, split, loss, epochs: int, lr: float, seed: int = 0,
+                   description: str = "training", batch_size: int = 64) -> nn.Module:
+    """A short plain fine-tune against the teacher (used after pruning); streams the split."""
+    seed_everything(seed)
+    flat_s, flat_t = FlatModel(student), FlatModel(teacher).eval()
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
+    steps = math.ceil(len(split) / batch_size)
+    sched = warmup_cosine(opt, steps, epochs * steps)
+    student.train()
+    with progress.task(description, total=epochs) as task:
+        for epoch in range(epochs):
+            for inputs, y in split.batches(batch_size, seed=seed + epoch):
+                xs = tensors(inputs)
+                with torch.no_grad():
+                    t_out = flat_t(*xs)
+                opt.zero_grad()
+                loss(flat_s(*xs), t_out, None if y is None else torch.from_numpy(y)).backward()
+                opt.step()
+                sched.step()
+            task.advance()
+    return student.eval()
+
+
 class _Hints(nn.Module):
     """Captures named layers' outputs and maps student features to the teacher's width (1x1 conv/linear)."""
 
@@ -67,8 +121,8 @@ class _Hints(nn.Module):
             smods[s].register_forward_hook(self._keep(f"s{i}"))
             tmods[t].register_forward_hook(self._keep(f"t{i}"))
         with torch.no_grad():
-            student.eval()(example)
-            teacher.eval()(example)
+            student.eval()(*example)
+            teacher.eval()(*example)
         proj = []
         for i in range(len(self.pairs)):
             fs, ft = self.feats[f"s{i}"], self.feats[f"t{i}"]
@@ -92,6 +146,30 @@ class _Hints(nn.Module):
                    for i, p in enumerate(self.proj))
 
 
+def check_config(recipe: Recipe, iface: ModelInterface, data: Splits, where: str) -> None:
+    """What can be said about distill settings before any work: the student spec and the outputs named."""
+    cfg = recipe.distill
+    if cfg.student == "pruned" and not recipe.prune.enabled:
+        raise PipelineError("distill.student is 'pruned' but the prune stage is disabled",
+                            where=f"{where}: distill.student",
+                            hint="enable prune, or set distill.student to teacher@0.5 or a model source")
+    if cfg.student.startswith("teacher@"):
+        try:
+            width = float(cfg.student.split("@", 1)[1])
+        except ValueError:
+            raise PipelineError(f"bad width in '{cfg.student}'", where=f"{where}: distill.student",
+                                hint="use teacher@0.5") from None
+        if not 0 < width <= 1:
+            raise PipelineError(f"width {width} in '{cfg.student}' is not in (0, 1]", where=f"{where}: distill.student")
+        if not is_zoo(recipe.model):
+            raise PipelineError("teacher@WIDTH only narrows zoo models", where=f"{where}: distill.student",
+                                hint="use student: pruned, or give the student as package.module:callable")
+    for i, name in enumerate(cfg.logit_outputs or []):
+        if name not in iface.output_names:
+            raise PipelineError(f"'{name}' is not an output of the model", where=f"{where}: distill.logit_outputs[{i}]",
+                                hint=f"outputs: {', '.join(iface.output_names)}")
+
+
 def make_student(cfg: DistillConfig, teacher_arch: dict, pruned_dir: Path | None, data: Splits, where: str):
     if cfg.student == "pruned":
         if pruned_dir is None:
@@ -99,12 +177,7 @@ def make_student(cfg: DistillConfig, teacher_arch: dict, pruned_dir: Path | None
                                 hint="enable prune, or set distill.student to teacher@0.5 or a model source")
         return load_model(pruned_dir / "model.pt")
     if cfg.student.startswith("teacher@"):
-        try:
-            width = float(cfg.student.split("@", 1)[1])
-        except ValueError:
-            raise PipelineError(f"bad width in '{cfg.student}'", where=f"{where}: distill.student",
-                                hint="use teacher@0.5") from None
-        arch = {**teacher_arch, "width": width}
+        arch = {**teacher_arch, "width": float(cfg.student.split("@", 1)[1])}
     else:
         arch = {"source": cfg.student, "num_classes": data.num_classes, "in_channels": data.input_shape[0],
                 "width": 1.0}
@@ -113,44 +186,44 @@ def make_student(cfg: DistillConfig, teacher_arch: dict, pruned_dir: Path | None
     return model, arch
 
 
-def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cfg: DistillConfig,
+def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cfg: DistillConfig, ev: Evaluator,
             where: str = "recipe", resume: Path | None = None) -> DistillResult:
     device = pick_device(cfg.device, f"{where}: distill.device")
     distributed.init(device)
     seed_everything(cfg.seed)
-    labels_known = data.train.y is not None
-    example = torch.from_numpy(data.train.x[:2])
+    example = tuple(torch.from_numpy(a) for a in data.example)
     with torch.no_grad():
-        t_out, s_out = teacher.eval()(example), student.eval()(example)
-    if t_out.shape != s_out.shape:
-        raise PipelineError(f"student output shape {tuple(s_out.shape[1:])} differs from the teacher's "
-                            f"{tuple(t_out.shape[1:])}", where=f"{where}: distill.student",
-                            hint="the student must predict the same classes as the teacher")
+        t_out, s_out = FlatModel(teacher).eval()(*example), FlatModel(student).eval()(*example)
+    for name, a, b in zip(ev.names, t_out, s_out, strict=False):
+        if a.shape != b.shape:
+            raise PipelineError(f"student output '{name}' has shape {tuple(b.shape[1:])}, the teacher's "
+                                f"{tuple(a.shape[1:])}", where=f"{where}: distill.student",
+                                hint="the student must give the same outputs as the teacher")
+    if len(t_out) != len(s_out):
+        raise PipelineError(f"student gives {len(s_out)} outputs, the teacher {len(t_out)}",
+                            where=f"{where}: distill.student")
     hints = _Hints(student, teacher, cfg.hint_layers, example, where) if cfg.hint_layers else None
     if device == "cuda" and distributed.world_size() > 1:
         torch.cuda.set_device(distributed.rank() % torch.cuda.device_count())
     teacher.to(device).eval()
     student.to(device)
+    flat_teacher = FlatModel(teacher)
     params = list(student.parameters()) + (list(hints.proj.parameters()) if hints else [])
     if hints:
         hints.to(device)
-    train_model: nn.Module = student
+    train_model: nn.Module = FlatModel(student)
     if distributed.world_size() > 1:
-        train_model = nn.parallel.DistributedDataParallel(student)
+        train_model = nn.parallel.DistributedDataParallel(train_model)
+    loss_fn = loss_for(cfg, ev)
+    sign = 1 if ev.metric.higher_is_better else -1
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     world, rank = distributed.world_size(), distributed.rank()
-    n = len(data.train)
-    per_rank = math.ceil(n / world)
-    steps_per_epoch = math.ceil(per_rank / cfg.batch_size)
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / world) / cfg.batch_size)
     sched = warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
-    x_all = torch.from_numpy(data.train.x)
-    y_all = torch.from_numpy(data.train.y) if labels_known else None
-    # Teacher outputs cached once: there is no augmentation, so they never change.
-    t_logits = torch.from_numpy(predict(teacher, data.train.x, device=device))
-    t_val = predict(teacher, data.val.x, device=device)
+    t_val = ev.reference("val")
+    y_val = None if data.val.y is None else torch.from_numpy(data.val.y)
 
-    y_val = torch.from_numpy(data.val.y) if data.val.y is not None else None
-    curves, best, best_score, best_epoch, start, stale = [], None, (-1.0, -math.inf), 0, 0, 0
+    curves, best, best_score, best_epoch, start, stale = [], None, (-math.inf, -math.inf), 0, 0, 0
     if resume is not None and resume.is_file():
         ck = torch.load(resume, weights_only=True, map_location="cpu")
         student.load_state_dict(ck["student"])
@@ -166,38 +239,32 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
     with progress.task("distilling", total=cfg.epochs) as task:
         task.advance(start)
         for epoch in range(start, cfg.epochs):
-            # The same permutation on every rank; each takes its own stride (DistributedSampler's scheme).
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-            perm = torch.cat([perm, perm[: per_rank * world - n]])[rank::world]
             train_model.train()
-            total = 0.0
-            for i in range(0, len(perm), cfg.batch_size):
-                idx = perm[i:i + cfg.batch_size]
-                xb = x_all[idx].to(device)
-                if hints:
-                    with torch.no_grad():
-                        teacher(xb)
-                out = train_model(xb)
-                loss = kd_loss(out, t_logits[idx].to(device), None if y_all is None else y_all[idx].to(device),
-                               cfg.alpha, cfg.temperature, cfg.soft_only)
+            total, seen = 0.0, 0
+            # The same permutation on every rank; each takes its own stride (DistributedSampler's scheme).
+            for inputs, y in data.train.batches(cfg.batch_size, seed=cfg.seed + epoch, rank=rank, world=world):
+                xb = [t.to(device) for t in tensors(inputs)]
+                with torch.no_grad():
+                    t_b = flat_teacher(*xb)  # on the fly: a streamed split is never held in memory
+                out = train_model(*xb)
+                loss = loss_fn(out, t_b, None if y is None else torch.from_numpy(y).to(device))
                 if hints:
                     loss = loss + cfg.hint_weight * hints.loss()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += loss.item() * len(idx)
-            s_val = predict(student, data.val.x, device=device)
-            val_loss = kd_loss(torch.from_numpy(s_val), torch.from_numpy(t_val), y_val, cfg.alpha, cfg.temperature,
-                               cfg.soft_only).item()
-            point = {"epoch": epoch + 1, "train_loss": total / len(perm), "val_loss": val_loss,
-                     "val_agreement": agreement(s_val, t_val)["top1_agreement"]}
-            if data.val.y is not None:
-                point["val_accuracy"] = top1(s_val, data.val.y)
+                total += loss.item() * len(inputs[0])
+                seen += len(inputs[0])
+            s_val = predict(student, data.val, device=device)
+            val_loss = loss_fn(tensors(s_val), tensors(t_val), y_val).item()
+            point = {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss,
+                     "val_metric": ev.score_outputs(s_val, "val"),
+                     "val_cosine": agreement(s_val, t_val, ev.names)["worst"]["cosine"]}
             curves.append(point)
-            # Accuracy first; the loss breaks ties. A small val split saturates at 100% within an epoch or two,
+            # The metric first; the loss breaks ties. A small val split saturates at 100% within an epoch or two,
             # and on accuracy alone the best checkpoint would be that barely distilled early epoch.
-            score = (point.get("val_accuracy", point["val_agreement"]), -val_loss)
+            score = (sign * point["val_metric"], -val_loss)
             if score > best_score:
                 best_score, stale = score, 0
                 best_epoch = epoch + 1
@@ -222,24 +289,25 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
 def run(ctx, out: Path) -> dict:
     teacher, teacher_arch = load_model(ctx.stage_dir("teacher") / "model.pt")
     cfg = ctx.recipe.distill
+    ev = ctx.evaluator
     student, arch = make_student(cfg, teacher_arch, ctx.stage_dir("prune"), ctx.data, ctx.recipe_path)
     resume = ctx.store.dir / f".distill-resume-{ctx.keys['distill'][:16]}.pt"
-    res = distill(teacher, student, arch, ctx.data, cfg, where=ctx.recipe_path, resume=resume)
+    res = distill(teacher, student, arch, ctx.data, cfg, ev, where=ctx.recipe_path, resume=resume)
     save_model(res.model, res.arch, out / "model.pt")
     (out / "curves.json").write_text(json.dumps(res.curves, indent=1))
     if distributed.is_main():
         resume.unlink(missing_ok=True)
-    stats = model_stats(res.model, ctx.data.input_shape)
+    stats = model_stats(res.model, ctx.data.example)
     t_stats = ctx.metrics["teacher"]
+    s_test = predict(res.model, ctx.data.test)
     metrics = {**stats, "macs_fraction_of_teacher": stats["macs"] / t_stats["macs"],
                "params_fraction_of_teacher": stats["params"] / t_stats["params"],
-               "best_epoch": res.best_epoch, "epochs_run": len(res.curves), "world_size": distributed.world_size()}
-    s_test = predict(res.model, ctx.data.test.x)
-    t_test = predict(teacher, ctx.data.test.x)
-    metrics["test_agreement_with_teacher"] = agreement(s_test, t_test)["top1_agreement"]
-    if ctx.data.test.y is not None:
-        metrics["val_accuracy"] = max(p["val_accuracy"] for p in res.curves)
-        metrics["test_accuracy"] = top1(s_test, ctx.data.test.y)
-        metrics["teacher_test_accuracy"] = top1(t_test, ctx.data.test.y)
+               "best_epoch": res.best_epoch, "epochs_run": len(res.curves), "world_size": distributed.world_size(),
+               "metric": ev.metric.name, "val_metric": curves_best(res.curves, res.best_epoch),
+               "test_metric": ev.score_outputs(s_test, "test"), "teacher_test_metric": t_stats["test_metric"],
+               "agreement_with_teacher": agreement(s_test, ev.reference("test"), ev.names)["worst"]}
     return metrics
 
+
+def curves_best(curves: list[dict], best_epoch: int) -> float:
+    return next(c["val_metric"] for c in curves if c["epoch"] == best_epoch)

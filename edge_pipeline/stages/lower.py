@@ -20,27 +20,27 @@ from torch import nn
 
 from edge_pipeline import progress
 from edge_pipeline.backends import get_backend
-from edge_pipeline.devices.runner import load_runner
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
+from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
 from edge_pipeline.modelio import load_model
-from edge_pipeline.sources import Splits
 from edge_pipeline.targets import Profile, load_profile
-from edge_pipeline.training import agreement, predict, top1
 
 GOLDEN_SAMPLES = 32
+QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def run_artifact(path: Path, x: np.ndarray, threads: int = 1) -> np.ndarray:
-    model = load_runner().Model(str(path), threads)
-    return np.concatenate([model.run(x[i:i + 1]) for i in range(len(x))])
+def example_inputs(data, rows: int = 1) -> tuple[torch.Tensor, ...]:
+    """The first test rows as the example batch every backend exports with (batch 1 ships)."""
+    return tuple(torch.from_numpy(a) for a in data.test.rows(np.arange(rows)))
 
 
-def locate_failure(model: nn.Module, example: torch.Tensor, err: BaseException) -> tuple[str, str | None]:
+def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...], err: BaseException) -> tuple[str, str | None]:
     """The op a backend refused and the module it sits in, found by matching the exported graph's ops
     against the error text (e.g. 'STABLEHLO_SORT' names aten.sort, 'edgetest::mystery' a custom op)."""
     text = f"{type(err).__name__}: {err}"
     try:
-        ep = torch.export.export(model, (example,))
+        ep = torch.export.export(model, example)
     except Exception:  # noqa: BLE001 - the model may not export at all; then the message is all we have
         return text, None
     best = None
@@ -57,74 +57,91 @@ def locate_failure(model: nn.Module, example: torch.Tensor, err: BaseException) 
     if best is not None:
         node, _, op = best
         stack = node.meta.get("nn_module_stack") or {}
-        where = list(stack.values())[-1][0] if stack else node.name
+        where = list(stack.values())[-1][0].removeprefix("model.") if stack else node.name
         return text, f"op {op} in module '{where or '(top level)'}'"
     m = re.search(r"([A-Za-z_]+::[A-Za-z_0-9.]+|aten\.[A-Za-z_0-9.]+)", text)
     return text, f"op {m.group(1)}" if m else None
 
 
-def evaluate(path: Path, data: Splits, reference_test: np.ndarray, golden_ref: np.ndarray, profile: Profile) -> dict:
-    val = run_artifact(path, data.val.x, profile.threads)
-    test = run_artifact(path, data.test.x, profile.threads)
-    golden = test[:GOLDEN_SAMPLES]
-    parity = agreement(golden, golden_ref)
-    tol = profile.budgets.parity
-    parity_ok = (parity["cosine"] >= tol.min_cosine and parity["top1_agreement"] >= tol.min_top1_agreement
-                 and (tol.max_abs is None or parity["max_abs"] <= tol.max_abs))
-    out = {"size_bytes": path.stat().st_size, "parity": parity, "parity_ok": parity_ok,
-           "test_agreement_with_float": agreement(test, reference_test)["top1_agreement"]}
-    if data.val.y is not None:
-        out["val_accuracy"] = top1(val, data.val.y)
-        out["test_accuracy"] = top1(test, data.test.y)
-    return out
+class Reference:
+    """What every target of one lower stage is measured against: the float model it came from (parity, on the
+    full test split) and the recipe's metric of that model (the accuracy drop)."""
+
+    def __init__(self, model: nn.Module, ev: Evaluator):
+        self.ev = ev
+        self.val, self.test = predict(model, ev.data.val), predict(model, ev.data.test)
+        self.val_metric = ev.score_outputs(self.val, "val")
+        self.test_metric = ev.score_outputs(self.test, "test")
+
+    def float_metrics(self) -> dict:
+        return {"metric": self.ev.metric.name, "val_metric": self.val_metric, "test_metric": self.test_metric}
+
+
+def evaluate(path: Path, ref: Reference, profile: Profile) -> dict:
+    """An artifact run in its own runtime over val and test, scored, and compared output by output with the
+    float model it came from on the whole test split (parity)."""
+    ev = ref.ev
+    val = run_artifact(path, ev.data.val, profile.threads)
+    test = run_artifact(path, ev.data.test, profile.threads)
+    parity = agreement(test, ref.test, ev.names)
+    tol, worst = profile.budgets.parity, parity["worst"]
+    # Top-1 agreement is checked on the output the metric ranks classes of; box or embedding outputs have none.
+    top1 = parity["outputs"][ev.metric.output]["top1_agreement"] if ev.metric.output else None
+    parity_ok = (worst["cosine"] >= tol.min_cosine and (top1 is None or top1 >= tol.min_top1_agreement)
+                 and (tol.max_abs is None or worst["max_abs"] <= tol.max_abs))
+    test_metric = ev.score_outputs(test, "test")
+    return {"size_bytes": path.stat().st_size, "parity": parity, "parity_ok": parity_ok,
+            "metric": ev.metric.name, "val_metric": ev.score_outputs(val, "val"), "test_metric": test_metric,
+            "metric_drop": ev.metric.drop(test_metric, ref.test_metric),
+            "agreement_with_teacher": agreement(test, ev.reference("test"), ev.names)["worst"]}
 
 
 def _quant_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [n for n, m in unwrap(model).named_modules() if isinstance(m, QUANT_LAYERS)]
 
 
-def lower_target(model: nn.Module, profile: Profile, data: Splits, calibration: np.ndarray, out: Path,
-                 float_metrics: dict, reference_test: np.ndarray, sensitivity: bool = False) -> dict:
+def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref: Reference,
+                 calibration: tuple[np.ndarray, ...], out: Path, sensitivity: bool = True) -> dict:
     """Export one target (with the float fallback when its accuracy budget is missed) and check it."""
     backend = get_backend(profile.backend)
-    example = torch.from_numpy(data.test.x[:1])
-    golden_ref = reference_test[:GOLDEN_SAMPLES]
+    example = example_inputs(ref.ev.data)
     tdir = out / profile.name
+    metric = ref.ev.metric
 
     def build(float_layers) -> tuple[Path, dict]:
         shutil.rmtree(tdir, ignore_errors=True)
         tdir.mkdir(parents=True)
-        path = backend.export(model, example, calibration, profile, tdir, float_layers=float_layers)
-        return path, evaluate(path, data, reference_test, golden_ref, profile)
+        path = backend.export(model, example, calibration, profile, tdir, iface, float_layers=float_layers)
+        return path, evaluate(path, ref, profile)
+
+    def missed(m: dict) -> bool:
+        drop = metric.drop(m["val_metric"], ref.val_metric)
+        return drop is not None and drop > profile.budgets.max_accuracy_drop
 
     path, metrics = build(())
-    labelled = "val_accuracy" in metrics
     int8 = profile.precision == "int8"
     mixed = getattr(backend, "MIXED_PRECISION", True)
-    ranking = (layer_sensitivity(model, profile, data, calibration, example, metrics["val_accuracy"])
-               if int8 and labelled and sensitivity and mixed else None)
-    drop_budget = profile.budgets.max_accuracy_drop
     float_layers: list[str] = []
-    all_int8 = {k: metrics[k] for k in ("size_bytes", "val_accuracy") if k in metrics}
-    if int8 and labelled and drop_budget is not None and not mixed:
-        if float_metrics["val_accuracy"] - metrics["val_accuracy"] > drop_budget:
+    ranking = None
+    all_int8 = {k: metrics[k] for k in ("size_bytes", "val_metric")}
+    if int8 and profile.budgets.max_accuracy_drop is not None and missed(metrics):
+        if not mixed:
             metrics["fallback"] = {"unsupported": f"backend {profile.backend} cannot keep layers in float; "
                                                   "the miss is reported as is"}
-    elif int8 and labelled and drop_budget is not None:
-        # Accuracy-aware fallback, decided on the validation split: most sensitive layers back to float.
-        while float_metrics["val_accuracy"] - metrics["val_accuracy"] > drop_budget:
-            if len(float_layers) >= profile.quantization.max_float_layers:
-                metrics["fallback_exhausted"] = True
-                break
-            ranking = ranking or layer_sensitivity(model, profile, data, calibration, example,
-                                                   all_int8["val_accuracy"])
-            rest = [n for n in sorted(ranking, key=ranking.get, reverse=True) if n not in float_layers]
-            if not rest:
-                break
-            float_layers.append(rest[0])
-            progress.note(f"{profile.name}: keeping '{rest[0]}' in float (val accuracy "
-                          f"{metrics['val_accuracy']:.4f} misses the budget)")
-            path, metrics = build(tuple(float_layers))
+        elif sensitivity:
+            # Accuracy-aware fallback, decided on the validation split: most sensitive layers back to float.
+            ranking = layer_sensitivity(model, iface, profile, ref, calibration, all_int8["val_metric"])
+            while missed(metrics):
+                if len(float_layers) >= profile.quantization.max_float_layers:
+                    metrics["fallback_exhausted"] = True
+                    break
+                rest = [n for n in sorted(ranking, key=ranking.get, reverse=True) if n not in float_layers]
+                if not rest:
+                    break
+                float_layers.append(rest[0])
+                progress.note(f"{profile.name}: keeping '{rest[0]}' in float ({metric.name} on val "
+                              f"{metrics['val_metric']:.4f} misses the budget)")
+                path, metrics = build(tuple(float_layers))
     if ranking:
         metrics["layer_sensitivity"] = ranking
     if float_layers:
@@ -133,28 +150,28 @@ def lower_target(model: nn.Module, profile: Profile, data: Splits, calibration: 
     metrics["float_layers"] = float_layers
     metrics["artifact"] = str(path.relative_to(out))
     metrics["describe"] = backend.describe(path)
-    if "test_accuracy" in metrics:
-        metrics["accuracy_drop"] = float_metrics["test_accuracy"] - metrics["test_accuracy"]
     metrics["failures"] = budget_failures(profile, metrics)
     return metrics
 
 
-def layer_sensitivity(model, profile, data, calibration, example, all_int8_val: float) -> dict[str, float]:
-    """Per layer: the validation accuracy recovered when this layer alone stays in float (leave-one-out).
-
-    That is the error this layer adds to the int8 model, and exactly what the fallback can buy back. (Quantizing
-    a layer alone can look harmless while the same layer breaks the all-int8 model, so that is not used.)
-    """
+def layer_sensitivity(model, iface, profile, ref: Reference, calibration, all_int8_val: float) -> dict[str, float]:
+    """Per layer: how much of the recipe's metric on val comes back when this layer alone stays in float
+    (leave-one-out). That is the error this layer adds to the int8 model, and exactly what the fallback can
+    buy back."""
     import tempfile
 
     backend = get_backend(profile.backend)
     layers = _quant_layers(model)
+    example = example_inputs(ref.ev.data)
+    sign = 1 if ref.ev.metric.higher_is_better else -1
     out: dict[str, float] = {}
     with progress.task(f"{profile.name}: layer sensitivity", total=len(layers)) as t:
         for name in layers:
             with tempfile.TemporaryDirectory() as tmp:
-                path = backend.export(model, example, calibration, profile, Path(tmp), float_layers=(name,))
-                out[name] = top1(run_artifact(path, data.val.x), data.val.y) - all_int8_val
+                path = backend.export(model, example, calibration, profile, Path(tmp), iface, float_layers=(name,),
+                                      fixtures=False)
+                val = ref.ev.score_outputs(run_artifact(path, ref.ev.data.val), "val")
+                out[name] = sign * (val - all_int8_val)
             t.advance()
     return out
 
@@ -162,26 +179,23 @@ def layer_sensitivity(model, profile, data, calibration, example, all_int8_val: 
 def budget_failures(profile: Profile, m: dict) -> list[str]:
     b = profile.budgets
     parity = [] if m["parity_ok"] else [f"parity {m['parity']} beyond tolerance {b.parity.model_dump()}"]
-    return parity + b.violations(size_bytes=m["size_bytes"], accuracy_drop=m.get("accuracy_drop"))
+    return parity + b.violations(size_bytes=m["size_bytes"], accuracy_drop=m.get("metric_drop"))
 
 
-def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibration: np.ndarray, out: Path,
-              sensitivity: bool = False) -> dict:
-    reference_test = predict(model, data.test.x)
-    float_metrics = {}
-    if data.val.y is not None:
-        float_metrics = {"val_accuracy": top1(predict(model, data.val.x), data.val.y),
-                         "test_accuracy": top1(reference_test, data.test.y)}
+def lower_all(model: nn.Module, iface: ModelInterface, profiles: list[Profile], ev: Evaluator,
+              calibration: tuple[np.ndarray, ...], out: Path, sensitivity: bool = True) -> dict:
+    model = model if isinstance(model, FlatModel) else FlatModel(model)
+    ref = Reference(model, ev)
     targets, failed = {}, []
     with progress.task("lowering", total=len(profiles)) as t:
         for profile in profiles:
             t.advance(0, f"lowering {profile.name}")
             try:
-                m = lower_target(model, profile, data, calibration, out, float_metrics, reference_test, sensitivity)
+                m = lower_target(model, iface, profile, ref, calibration, out, sensitivity)
             except PipelineError as e:
                 m = {"error": str(e), "failures": [str(e)]}
             except Exception as e:  # a backend refusing the model fails this target only
-                text, where = locate_failure(model, torch.from_numpy(data.test.x[:1]), e)
+                text, where = locate_failure(model, example_inputs(ev.data), e)
                 described = out / profile.name / "describe.json"
                 if where is None and described.is_file():
                     # Exported but would not load (e.g. ExecuTorch's "error 0x14", an operator missing from
@@ -196,50 +210,31 @@ def lower_all(model: nn.Module, profiles: list[Profile], data: Splits, calibrati
                 failed.append(profile.name)
             targets[profile.name] = {"backend": profile.backend, "precision": profile.precision, **m}
             t.advance()
-    return {"float": float_metrics, "targets": targets, "failed_targets": failed}
+    return {"float": ref.float_metrics(), "targets": targets, "failed_targets": failed}
 
 
-METHODS = {"executorch": ("minmax", "moving_average", "histogram"), "tflite": ("minmax", "moving_average", "histogram"),
-           "onnxruntime": ("minmax", "moving_average", "percentile", "entropy")}
+def load_calibration(path: Path) -> tuple[np.ndarray, ...]:
+    """A representative set's inputs: ``input_0``, ``input_1``, ... (``x`` alone is one input)."""
+    from edge_pipeline.devices.runner import load_runner
+
+    return tuple(load_runner().load_inputs(str(path)))
 
 
-def compare_methods(model: nn.Module, profiles: list[Profile], data: Splits, calibration: np.ndarray) -> dict:
-    """Accuracy of each calibration method per int8 backend, beside the backend's own default flow."""
-    import tempfile
+def write_golden(path: Path, model: nn.Module, data) -> None:
+    """The first test rows and the float model's outputs on them: what verify re-runs in every runtime."""
+    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.sources.data import ArraySplit
 
-    example = torch.from_numpy(data.test.x[:1])
-    out: dict[str, dict] = {}
-    backends = {p.backend: p for p in profiles if p.precision == "int8"}
-    runs = [(b, m) for b, p in backends.items() for m in (*METHODS[b], "default")]
-    with progress.task("comparing calibration methods", total=len(runs)) as t:
-        for backend, method in runs:
-            profile = backends[backend]
-            if method != "default":
-                profile = profile.model_copy(update={"quantization": profile.quantization.model_copy(
-                    update={"method": method})})
-            with tempfile.TemporaryDirectory() as tmp:
-                path = get_backend(backend).export(model, example, calibration, profile, Path(tmp),
-                                                   default_flow=method == "default")
-                val, test = run_artifact(path, data.val.x), run_artifact(path, data.test.x)
-                out.setdefault(backend, {})[method] = {"val_accuracy": top1(val, data.val.y),
-                                                       "test_accuracy": top1(test, data.test.y),
-                                                       "size_bytes": path.stat().st_size}
-            t.advance()
-    return out
+    rows = data.test.rows(np.arange(min(GOLDEN_SAMPLES, len(data.test))))
+    np.savez(path, **{f"input_{i}": a for i, a in enumerate(rows)})
+    load_runner().save_outputs(str(path.with_name("golden_outputs.npz")), predict(model, ArraySplit(rows, None)))
 
 
 def run(ctx, out: Path) -> dict:
     model, _ = load_model(ctx.model_dir() / "model.pt")
-    calibration = np.load(ctx.stage_dir("calibrate") / "calibration.npz")["x"]
+    calibration = load_calibration(ctx.stage_dir("calibrate") / "calibration.npz")
     profiles = [load_profile(t) for t in ctx.recipe.targets]
-    result = lower_all(model, profiles, ctx.data, calibration, out, ctx.recipe.calibrate.sensitivity
-                       and ctx.data.val.y is not None)
-    if ctx.recipe.calibrate.compare_methods and ctx.data.val.y is not None:
-        teacher, _ = load_model(ctx.stage_dir("teacher") / "model.pt")
-        result["calibration_methods_on_teacher"] = {
-            "float_test_accuracy": top1(predict(teacher, ctx.data.test.x), ctx.data.test.y),
-            "by_backend": compare_methods(teacher, profiles, ctx.data, calibration)}
-    np.savez(out / "golden.npz", x=ctx.data.test.x[:GOLDEN_SAMPLES],
-             y=predict(model, ctx.data.test.x[:GOLDEN_SAMPLES]))
+    result = lower_all(model, ctx.iface, profiles, ctx.evaluator, calibration, out, ctx.recipe.calibrate.sensitivity)
+    write_golden(out / "golden.npz", model, ctx.data)
     (out / "targets.json").write_text(json.dumps(result["targets"], indent=1, default=str))
     return result

@@ -17,9 +17,8 @@ import tarfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from edge_pipeline.errors import BudgetFailure, PipelineError
+from edge_pipeline.evaluation import run_artifact
 from edge_pipeline.runstore import find_stage, sha256_file, toolchain_versions
 
 MANIFEST_SCHEMA = 1
@@ -49,6 +48,7 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
                  recipe: dict | None = None) -> dict:
     """Write the bundle's content into ``out`` (an empty folder); returns the manifest."""
     from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.sources.data import ArraySplit
 
     lower = find_stage(run_dir, "lower")
     if lower is None:
@@ -66,32 +66,28 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     recipe = recipe or run_doc.get("recipe", {})
     name = recipe.get("name") or run_dir.parent.name
 
-    golden = np.load(lower_dir / "golden.npz")["x"]
-    (out / "golden").mkdir()
-    np.savez(out / "golden" / "inputs.npz", x=golden)
     runner = load_runner()
+    golden = ArraySplit(tuple(runner.load_inputs(str(lower_dir / "golden.npz"))), None)
+    (out / "golden").mkdir()
+    shutil.copy(lower_dir / "golden.npz", out / "golden" / "inputs.npz")
     targets = {}
     for tname, tm in lower_rec["metrics"]["targets"].items():
         if "artifact" not in tm:
             continue
         shutil.copytree(lower_dir / tname, out / tname,
                         ignore=lambda d, names: [n for n in names if n in SKIP_IN_TARGET])
-        artifact = out / tm["artifact"]
-        model = runner.Model(str(artifact), 1)
-        outputs = np.concatenate([model.run(golden[i:i + 1]) for i in range(len(golden))])
-        np.savez(out / "golden" / f"{tname}.npz", y=outputs)
+        runner.save_outputs(str(out / "golden" / f"{tname}.npz"), run_artifact(out / tm["artifact"], golden))
         targets[tname] = {
             "backend": tm["backend"], "precision": tm["precision"], "artifact": tm["artifact"],
             "io": {k: tm["describe"].get(k) for k in ("inputs", "outputs", "quantized_io")},
             "float_layers": tm.get("float_layers", []),
-            "lower": {k: tm.get(k) for k in ("size_bytes", "test_accuracy", "accuracy_drop", "parity", "failures")},
+            "lower": {k: tm.get(k) for k in ("size_bytes", "metric", "test_metric", "metric_drop", "failures")}
+            | {"parity": tm.get("parity", {}).get("worst")},
             "devices": {d: _device_brief(m) for d, m in device_results.get(tname, {}).items()},
         }
-    classes = None
-    if recipe.get("data"):
-        from edge_pipeline.sources import load_data
-
-        classes = load_data(recipe["data"]).classes
+    teacher = find_stage(run_dir, "teacher")
+    teacher_metrics = teacher[1]["metrics"] if teacher else {}
+    classes = teacher_metrics.get("classes")
     if classes:
         (out / "labels.txt").write_text("\n".join(classes) + "\n")
     cal = find_stage(run_dir, "calibrate")
@@ -101,6 +97,8 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
         "schema": MANIFEST_SCHEMA, "name": name, "version": version, "targets": targets,
         "failed_targets": failed, "allow_failing": bool(failed) and allow_failing,
         "recipe": recipe, "calibration_sha256": cal[1]["metrics"]["sha256"] if cal else None,
+        "interface": teacher_metrics.get("interface"), "preprocessing": teacher_metrics.get("preprocessing"),
+        "metric": teacher_metrics.get("metric"),
         "stages": stages, "toolchain": run_doc.get("toolchain") or toolchain_versions(),
         "git_commit": _git_commit(),
     }
@@ -118,46 +116,69 @@ def _device_brief(m: dict) -> dict:
         return {"error": m["error"]}
     return {"p50_ms": m["latency"]["p50_ms"], "p90_ms": m["latency"].get("p90_ms"), "cv": m["latency"].get("cv"),
             "unstable": m["latency"].get("unstable"), "init_ms": m.get("init_ms"),
-            "peak_rss_bytes": m.get("peak_rss_bytes"), "test_accuracy": m.get("test_accuracy"),
-            "agreement_with_teacher": m.get("agreement_with_teacher"), "conditions": m.get("conditions"),
+            "peak_rss_bytes": m.get("peak_rss_bytes"), "metric": m.get("metric"), "test_metric": m.get("test_metric"),
+            "metric_drop": m.get("metric_drop"), "agreement_with_teacher": (m.get("agreement_with_teacher") or {})
+            .get("worst"), "conditions": m.get("conditions"),
             "runtime": f"{m.get('runtime')} {m.get('runtime_version')}", "failures": m.get("failures")}
+
+
+def _io_lines(m: dict) -> list[str]:
+    iface = m.get("interface") or {"inputs": [], "outputs": []}
+    lines = ["| | name | shape (batch first) | dtype |", "|---|---|---|---|"]
+    for kind in ("inputs", "outputs"):
+        for spec in iface[kind]:
+            lines.append(f"| {kind[:-1]} | `{spec['name']}` | {[1, *spec['shape']]} | {spec['dtype']} |")
+    pre = m.get("preprocessing")
+    if pre:
+        lines += ["", "Image preprocessing, to be done exactly so by the app: "
+                  f"convert to {pre['mode']}, resize {pre['resize']}, centre crop {pre['center_crop']}, multiply by "
+                  f"{pre['scale']:.6g}, subtract mean {pre['mean']}, divide by std {pre['std']}, channel order "
+                  f"{pre['channel_order']}, layout {pre['layout']}."]
+    return lines
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
 
 
 def model_card(m: dict) -> str:
     st = m["stages"]
+    metric = m.get("metric") or "the recipe's metric"
     lines = [f"# {m['name']} {m['version']}", "", m["recipe"].get("description", ""), "",
              "## Intended use",
-             "On-device classification with the models in this bundle, one folder per runtime. Inputs are float32 "
-             "in the layout given in `manifest.json` (int8 inputs for TFLite int8: scale and zero point there).", "",
+             "On-device inference with the models in this bundle, one folder per runtime, batch 1. Inputs and "
+             "outputs are below; int8 scale and zero point per tensor are in `manifest.json` (`io.quantized_io`).",
+             "", "## Inputs and outputs", "", *_io_lines(m), "",
              "## Data",
-             f"Source: `{m['recipe'].get('data')}`. Accuracy is measured on the held-out test split, never used "
-             f"for training or calibration. Calibration set sha256: `{m['calibration_sha256']}`.", "",
+             f"Source: `{m['recipe'].get('data')}`. Every figure is measured on the held-out test split, never used "
+             f"for training or calibration, with the metric `{metric}` (against the labels, or against the float "
+             f"teacher's outputs where there are none). Calibration set sha256: `{m['calibration_sha256']}`.", "",
              "## What each stage did"]
     if "teacher" in st:
         t = st["teacher"]
         lines.append(f"- **teacher** `{m['recipe'].get('model')}`: {t['params']} params, {t['macs']} MACs, "
-                     f"test accuracy {t.get('test_accuracy', float('nan')):.4f}.")
+                     f"test {metric} {_num(t.get('test_metric'))}.")
     if "prune" in st:
         p = st["prune"]
         lines.append(f"- **prune** ({p['method']}): MACs {p['macs_before']} → {p['macs_after']} "
                      f"({p['macs_fraction']:.1%}), params {p['params_before']} → {p['params_after']}.")
     if "distill" in st:
         d = st["distill"]
-        lines.append(f"- **distill**: student test accuracy {d.get('test_accuracy', float('nan')):.4f} "
-                     f"(teacher {d.get('teacher_test_accuracy', float('nan')):.4f}), "
+        lines.append(f"- **distill**: student test {metric} {_num(d.get('test_metric'))} "
+                     f"(teacher {_num(d.get('teacher_test_metric'))}), "
                      f"{d['macs_fraction_of_teacher']:.1%} of the teacher's MACs.")
     if "calibrate" in st:
         lines.append(f"- **calibrate**: {st['calibrate']['samples']} samples from the training split.")
-    lines += ["", "## Targets", "", "| target | size (bytes) | test accuracy | parity cosine | devices (p50 ms) |",
-              "|---|---|---|---|---|"]
+    lines += ["", "## Targets", "", f"| target | size (bytes) | test {metric} | parity cosine (worst output) | "
+              "devices (p50 ms) |", "|---|---|---|---|---|"]
     for name, t in m["targets"].items():
         devs = ", ".join(f"{d}: {v.get('p50_ms', float('nan')):.3f}" for d, v in t["devices"].items() if "p50_ms" in v)
-        acc = t["lower"].get("test_accuracy")
-        lines.append(f"| {name} | {t['lower']['size_bytes']} | {'' if acc is None else f'{acc:.4f}'} | "
-                     f"{t['lower']['parity']['cosine']:.6f} | {devs} |")
+        parity = (t["lower"].get("parity") or {}).get("cosine")
+        lines.append(f"| {name} | {t['lower']['size_bytes']} | {_num(t['lower'].get('test_metric'))} | "
+                     f"{'n/a' if parity is None else f'{parity:.6f}'} | {devs} |")
     lines += ["", "## Limits",
               "- Figures were measured on the devices named above; other devices differ.",
-              "- The model classifies inputs like its training data only; it has no notion of 'none of these'."]
+              "- The model behaves like this on inputs like its data only; it has no notion of 'none of these'."]
     if m["failed_targets"]:
         lines += [f"- **Packaged with failing targets** (--allow-failing): {', '.join(m['failed_targets'])}."]
     return "\n".join(lines) + "\n"

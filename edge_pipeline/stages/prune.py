@@ -19,12 +19,14 @@ from torch import nn
 
 from edge_pipeline import progress
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.evaluation import Evaluator
 from edge_pipeline.modelio import load_model, save_model
 from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import PruneConfig
 from edge_pipeline.sources import Splits
-from edge_pipeline.training import accuracy, fit, seed_everything
+from edge_pipeline.training import seed_everything, tensors
 
+PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SEARCH_RESOLUTION = 100  # a budget is searched in this many small pruning steps
 SCAN_TOLERANCE = 0.02  # sensitivity scan: a layer's cap is the largest ratio costing at most this much accuracy
 
@@ -34,20 +36,38 @@ class PruneResult:
     model: nn.Module
     params: tuple[int, int]
     macs: tuple[int, int]
-    val_accuracy: dict[str, float]  # before, pruned, finetuned
+    val_metric: dict[str, float]  # the recipe's metric on val: before, pruned, finetuned
     sensitivity: dict[str, dict[str, float]] | None
     sparsity: float | None  # fraction of zero weights, for unstructured/2:4
 
 
-def _head_layers(model: nn.Module) -> list[nn.Module]:
-    """The output head: the last Linear/Conv layer (its output is the model's output)."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    return layers[-1:] if layers else []
+def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[nn.Module]:
+    """Every layer whose output channels reach a model output, found from torch-pruning's dependency graph:
+    walk back from the graph's sinks (one per output) through channel-preserving ops (adds, reshapes,
+    activations) to the first parametric layers. Pruning those would change what the model returns."""
+    from edge_pipeline.interface import flatten_outputs
+
+    dg = tp.DependencyGraph().build_dependency(model, example, output_transform=lambda o: flatten_outputs(o)[1],
+                                               verbose=False)
+    found, seen = [], set()
+    todo = [n for n in dg.module2node.values() if not n.outputs]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node.module, nn.Module) and any(p.requires_grad for p in node.module.parameters(recurse=False)) \
+                and not isinstance(node.module, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            found.append(node.module)
+            continue
+        todo += node.inputs
+    return found
 
 
-def resolve_ignored(model: nn.Module, cfg: PruneConfig, where: str) -> list[nn.Module]:
+def resolve_ignored(model: nn.Module, cfg: PruneConfig, where: str,
+                    example: tuple[torch.Tensor, ...]) -> list[nn.Module]:
     modules = dict(model.named_modules())
-    ignored = _head_layers(model)
+    ignored = output_layers(model, example)
     for i, name in enumerate(cfg.ignore):
         if name not in modules or not name:
             close = difflib.get_close_matches(name, [n for n in modules if n], n=3)
@@ -71,14 +91,19 @@ def _importance(name: str):
             "taylor": tp.importance.GroupTaylorImportance}[name]()
 
 
-def _taylor_grads(model: nn.Module, data: Splits, batches: int = 4, batch_size: int = 64) -> None:
-    """First-order Taylor importance needs gradients of the loss on a few labelled batches."""
+def _taylor_grads(model: nn.Module, teacher: nn.Module, data: Splits, loss, batches: int = 4,
+                  batch_size: int = 64) -> None:
+    """First-order Taylor importance needs gradients of the loss (against the teacher) on a few batches."""
+    from edge_pipeline.interface import FlatModel
+
     model.zero_grad()
     model.eval()
-    for i in range(batches):
-        x = torch.from_numpy(data.train.x[i * batch_size:(i + 1) * batch_size])
-        y = torch.from_numpy(data.train.y[i * batch_size:(i + 1) * batch_size])
-        nn.functional.cross_entropy(model(x), y).backward()
+    for i, (inputs, y) in enumerate(data.train.batches(batch_size)):
+        if i == batches:
+            break
+        with torch.no_grad():
+            t_out = FlatModel(teacher)(*tensors(inputs))
+        loss(FlatModel(model)(*tensors(inputs)), t_out, None if y is None else torch.from_numpy(y)).backward()
 
 
 def _budget(cfg: PruneConfig, base: dict[str, int]) -> tuple[str, float] | None:
@@ -89,13 +114,13 @@ def _budget(cfg: PruneConfig, base: dict[str, int]) -> tuple[str, float] | None:
     return None
 
 
-def sensitivity_scan(model: nn.Module, data: Splits, cfg: PruneConfig, ignored: list[nn.Module],
-                     example: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Prune each prunable layer alone at each scan ratio (no fine-tune) and measure validation accuracy."""
-    base_acc = accuracy(model, data.val)
+def sensitivity_scan(model: nn.Module, ev: Evaluator, cfg: PruneConfig, ignored: list[nn.Module],
+                     example: tuple[torch.Tensor, ...]) -> dict[str, dict[str, float]]:
+    """Prune each prunable layer alone at each scan ratio (no fine-tune) and measure the metric's drop on val."""
+    base = ev.score_model(model, "val")
     state = {k: v.clone() for k, v in model.state_dict().items()}
     names = {m: n for n, m in model.named_modules()}
-    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ignored
+    layers = [m for m in model.modules() if isinstance(m, PRUNABLE) and m not in ignored
               and not (isinstance(m, nn.Conv2d) and m.groups > 1)]
     scan: dict[str, dict[str, float]] = {}
     with progress.task("sensitivity scan", total=len(layers) * len(cfg.scan_ratios)) as t:
@@ -105,12 +130,11 @@ def sensitivity_scan(model: nn.Module, data: Splits, cfg: PruneConfig, ignored: 
             for r in cfg.scan_ratios:
                 trial = _clone(model, state)
                 tmods = dict(trial.named_modules())
-                others = [tmods[names[m]] for m in model.modules()
-                          if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not layer]
+                others = [tmods[names[m]] for m in model.modules() if isinstance(m, PRUNABLE) and m is not layer]
                 pruner = tp.pruner.BasePruner(trial, example, importance=_importance("l2"), pruning_ratio=r,
                                               ignored_layers=others, round_to=None)
                 pruner.step()
-                scan[name][str(r)] = base_acc - accuracy(trial, data.val)
+                scan[name][str(r)] = ev.metric.drop(ev.score_model(trial, "val"), base) or 0.0
                 t.advance()
     return scan
 
@@ -132,32 +156,62 @@ def _caps_from_scan(model: nn.Module, scan: dict, cfg: PruneConfig) -> dict[nn.M
     return caps
 
 
-def prune(model: nn.Module, data: Splits, cfg: PruneConfig, where: str = "recipe") -> PruneResult:
-    seed_everything(cfg.seed)
-    example = torch.from_numpy(data.train.x[:1])
-    base = model_stats(model, data.input_shape)
-    acc_before = accuracy(model, data.val)
-    ignored = resolve_ignored(model, cfg, where)
+def check_config(cfg: PruneConfig, data: Splits, where: str) -> None:
+    """What can be said about prune settings before any work."""
     if cfg.method != "structured":
-        return _sparsify(model, data, cfg, ignored, base, acc_before)
-
-    budget = _budget(cfg, base)
-    if budget is None and cfg.ratio is None:
+        return
+    budget = cfg.max_macs is not None or cfg.max_params is not None
+    if not budget and cfg.ratio is None:
         raise PipelineError("prune needs a target: ratio, max_macs or max_params", where=f"{where}: prune")
-    if budget is not None and cfg.ratio is not None:
+    if budget and cfg.ratio is not None:
         raise PipelineError("give either prune.ratio or a budget (max_macs/max_params), not both",
                             where=f"{where}: prune")
+    if cfg.max_macs is not None and cfg.max_params is not None:
+        raise PipelineError("give one budget, max_macs or max_params, not both", where=f"{where}: prune")
     if cfg.importance == "taylor" and data.train.y is None:
         raise PipelineError("Taylor importance needs labels", where=f"{where}: prune.importance",
                             hint="use l1, l2 or bn_scale for unlabeled data")
 
-    scan = sensitivity_scan(model, data, cfg, ignored, example) if cfg.sensitivity_scan else None
+
+def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    return {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+
+
+def _fix_attention(model: nn.Module) -> None:
+    """torch-pruning shrinks an attention layer's projections; its bookkeeping must follow."""
+    for m in model.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            m.embed_dim = m.out_proj.in_features
+            m.kdim = m.vdim = m.embed_dim
+            m.head_dim = m.embed_dim // m.num_heads
+
+
+def prune(model: nn.Module, data: Splits, cfg: PruneConfig, ev: Evaluator, where: str = "recipe") -> PruneResult:
+    """Structured pruning (or sparsity) of ``model`` in place, fine-tuned against its own unpruned copy."""
+    import copy
+
+    from edge_pipeline.stages.distill import fit_to_teacher, loss_for
+
+    seed_everything(cfg.seed)
+    check_config(cfg, data, where)
+    teacher = copy.deepcopy(model).eval()
+    loss = loss_for(None, ev, alpha=0.5, temperature=4.0)
+    example = tuple(torch.from_numpy(a[:1]) for a in data.example)
+    base = model_stats(model, data.example)
+    acc_before = ev.score_model(model, "val")
+    ignored = resolve_ignored(model, cfg, where, example)
+    if cfg.method != "structured":
+        return _sparsify(model, teacher, data, cfg, ignored, base, acc_before, ev, loss)
+
+    budget = _budget(cfg, base)
+    scan = sensitivity_scan(model, ev, cfg, ignored, example) if cfg.sensitivity_scan else None
     ratio_dict = _caps_from_scan(model, scan, cfg) if scan else None
     steps = cfg.iterative_steps if budget is None else SEARCH_RESOLUTION
     pruner = tp.pruner.BasePruner(
         model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
         pruning_ratio=cfg.ratio if budget is None else cfg.max_layer_ratio, pruning_ratio_dict=ratio_dict,
         max_pruning_ratio=cfg.max_layer_ratio, iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to,
+        num_heads=_attention_heads(model), output_transform=_flat_outputs,
     )
     # Budget: step in small increments; fine-tune each time the next of `iterative_steps` milestones is passed.
     milestones = ([] if budget is None else
@@ -167,10 +221,11 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, where: str = "recipe
     with progress.task("pruning", total=steps) as t:
         for _ in range(steps):
             if cfg.importance == "taylor":
-                _taylor_grads(model, data)
+                _taylor_grads(model, teacher, data, loss)
             pruner.step()
+            _fix_attention(model)
             t.advance()
-            stats = model_stats(model, data.input_shape)
+            stats = model_stats(model, data.example)
             if budget is None:
                 reached_milestone = True
             else:
@@ -178,13 +233,14 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, where: str = "recipe
                 while milestones and stats[budget[0]] <= milestones[0]:
                     milestones.pop(0)
             if reached_milestone:
-                acc_pruned = accuracy(model, data.val)
-                if cfg.finetune_epochs and data.train.y is not None:
-                    fit(model, data.train, cfg.finetune_epochs, cfg.lr, seed=cfg.seed, description="fine-tuning")
+                acc_pruned = ev.score_model(model, "val")
+                if cfg.finetune_epochs:
+                    fit_to_teacher(model, teacher, data.train, loss, cfg.finetune_epochs, cfg.lr, cfg.seed,
+                                   "fine-tuning")
             if budget is not None and not milestones:
                 break
     model.zero_grad(set_to_none=True)
-    after = model_stats(model, data.input_shape)
+    after = model_stats(model, data.example)
     if budget is not None and after[budget[0]] > budget[1]:
         raise PipelineError(
             f"prune budget cannot be met: {budget[0]} {after[budget[0]]} > {int(budget[1])} with every layer "
@@ -192,13 +248,21 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, where: str = "recipe
             where=f"{where}: prune.max_{budget[0]}",
             hint="raise the budget, raise max_layer_ratio or ignore fewer layers")
     return PruneResult(model.eval(), (base["params"], after["params"]), (base["macs"], after["macs"]),
-                       {"before": acc_before, "pruned": acc_pruned, "finetuned": accuracy(model, data.val)},
+                       {"before": acc_before, "pruned": acc_pruned, "finetuned": ev.score_model(model, "val")},
                        scan, None)
 
 
-def _sparsify(model, data, cfg, ignored, base, acc_before) -> PruneResult:
+def _flat_outputs(out):
+    from edge_pipeline.interface import flatten_outputs
+
+    return flatten_outputs(out)[1]
+
+
+def _sparsify(model, teacher, data, cfg, ignored, base, acc_before, ev, loss) -> PruneResult:
     """Zero weights in place: unstructured magnitude (global) or 2:4 along the input dimension."""
-    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)) and m not in ignored]
+    from edge_pipeline.stages.distill import fit_to_teacher
+
+    weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE) and m not in ignored]
     masks = []
     with torch.no_grad():
         if cfg.method == "unstructured":
@@ -218,22 +282,23 @@ def _sparsify(model, data, cfg, ignored, base, acc_before) -> PruneResult:
                 masks.append(m.reshape(w.shape))
         for w, m in zip(weights, masks, strict=False):
             w.mul_(m)
-    acc_pruned = accuracy(model, data.val)
+    acc_pruned = ev.score_model(model, "val")
     hooks = [w.register_hook(lambda g, m=m: g * m) for w, m in zip(weights, masks, strict=False)]
-    if cfg.finetune_epochs and data.train.y is not None:
-        fit(model, data.train, cfg.finetune_epochs, cfg.lr, seed=cfg.seed, description="fine-tuning (masked)")
+    if cfg.finetune_epochs:
+        fit_to_teacher(model, teacher, data.train, loss, cfg.finetune_epochs, cfg.lr, cfg.seed,
+                       "fine-tuning (masked)")
     for h in hooks:
         h.remove()
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
-    after = model_stats(model, data.input_shape)
+    after = model_stats(model, data.example)
     return PruneResult(model.eval(), (base["params"], after["params"]), (base["macs"], after["macs"]),
-                       {"before": acc_before, "pruned": acc_pruned, "finetuned": accuracy(model, data.val)},
+                       {"before": acc_before, "pruned": acc_pruned, "finetuned": ev.score_model(model, "val")},
                        None, float(zeros))
 
 
 def run(ctx, out: Path) -> dict:
     teacher, arch = load_model(ctx.stage_dir("teacher") / "model.pt")
-    res = prune(teacher, ctx.data, ctx.recipe.prune, where=ctx.recipe_path)
+    res = prune(teacher, ctx.data, ctx.recipe.prune, ctx.evaluator, where=ctx.recipe_path)
     save_model(res.model, arch, out / "model.pt")
     if res.sensitivity:
         (out / "sensitivity.json").write_text(json.dumps(res.sensitivity, indent=1))
@@ -242,9 +307,9 @@ def run(ctx, out: Path) -> dict:
         "params_before": res.params[0], "params_after": res.params[1],
         "macs_before": res.macs[0], "macs_after": res.macs[1],
         "macs_fraction": res.macs[1] / res.macs[0], "params_fraction": res.params[1] / res.params[0],
-        "state_bytes": model_stats(res.model, ctx.data.input_shape)["state_bytes"],
-        "val_accuracy_before": res.val_accuracy["before"], "val_accuracy_pruned": res.val_accuracy["pruned"],
-        "val_accuracy_finetuned": res.val_accuracy["finetuned"],
+        "state_bytes": model_stats(res.model, ctx.data.example)["state_bytes"], "metric": ctx.metric.name,
+        "val_metric_before": res.val_metric["before"], "val_metric_pruned": res.val_metric["pruned"],
+        "val_metric_finetuned": res.val_metric["finetuned"],
     }
     if res.sparsity is not None:
         metrics["weight_sparsity"] = res.sparsity

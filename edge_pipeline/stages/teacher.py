@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.evaluation import Evaluator, Metric
+from edge_pipeline.interface import ModelInterface
 from edge_pipeline.modelio import save_model
 from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import TeacherTrainConfig
 from edge_pipeline.sources import Splits, build_model, is_zoo
-from edge_pipeline.training import accuracy, fit, seed_everything
+from edge_pipeline.training import fit, seed_everything
 
 
 @dataclass(frozen=True)
@@ -24,17 +26,32 @@ class TeacherResult:
     metrics: dict
 
 
-def make_teacher(source: str, data: Splits, cfg: TeacherTrainConfig, weights: str | None = None) -> TeacherResult:
+def load_weights(model: nn.Module, weights: str, where: str) -> None:
+    """A state_dict file, loaded without unpickling code; every failure is said plainly."""
+    import pickle
+
+    try:
+        state = torch.load(weights, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError:
+        raise PipelineError("weights file holds pickled code or objects, which are not loaded", where=where,
+                            hint="save a plain state_dict: torch.save(model.state_dict(), path)") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        raise PipelineError(f"weights file cannot be read (truncated or not a torch file): {e}", where=where,
+                            hint="save it again with torch.save(model.state_dict(), path)") from None
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        raise PipelineError(f"weights do not fit the model: {str(e)[:600]}", where=where) from None
+
+
+def make_teacher(source: str, data: Splits, cfg: TeacherTrainConfig, iface: ModelInterface, metric: Metric,
+                 weights: str | None = None) -> TeacherResult:
     seed_everything(cfg.seed)
     arch = {"source": source, "num_classes": data.num_classes, "in_channels": data.input_shape[0], "width": 1.0}
     model = build_model(source, data.num_classes, data.input_shape[0])
     trained = False
     if weights:
-        state = torch.load(weights, weights_only=True, map_location="cpu")
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as e:
-            raise PipelineError(f"weights do not fit {source}: {e}", where=f"recipe: weights ({weights})") from None
+        load_weights(model, weights, f"recipe: weights ({weights})")
     elif is_zoo(source):
         if data.train.y is None:
             raise PipelineError("a zoo teacher is trained on labels, and the data has none", where="recipe: data",
@@ -42,14 +59,15 @@ def make_teacher(source: str, data: Splits, cfg: TeacherTrainConfig, weights: st
         fit(model, data.train, cfg.epochs, cfg.lr, cfg.batch_size, cfg.seed, description="training teacher")
         trained = True
     model.eval()
-    metrics = {**model_stats(model, data.input_shape), "trained_here": trained}
-    if data.val.y is not None:
-        metrics["val_accuracy"] = accuracy(model, data.val)
-        metrics["test_accuracy"] = accuracy(model, data.test)
+    ev = Evaluator(data, iface, metric, model)
+    metrics = {**model_stats(model, data.example), "trained_here": trained, "interface": iface.to_dict(),
+               "metric": metric.name, "val_metric": ev.score_model(model, "val"),
+               "test_metric": ev.score_model(model, "test"), "classes": data.classes,
+               "preprocessing": data.preprocessing}
     return TeacherResult(model, arch, metrics)
 
 
 def run(ctx, out: Path) -> dict:
-    res = make_teacher(ctx.recipe.model, ctx.data, ctx.recipe.train, ctx.recipe.weights)
+    res = make_teacher(ctx.recipe.model, ctx.data, ctx.recipe.train, ctx.iface, ctx.metric, ctx.recipe.weights)
     save_model(res.model, res.arch, out / "model.pt")
     return res.metrics
