@@ -90,6 +90,9 @@ def _version() -> str:
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug: bool) -> None:
     """From a trained PyTorch model to a tested release bundle for phones and boards."""
+    # `package.module:callable` sources in the current folder import as they do under `python -m`.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
 
 
 def _print_summary(summary) -> None:

@@ -39,8 +39,9 @@ def _lower_config(r: Recipe) -> dict:
 
 STAGES: list[StageDef] = [
     StageDef("teacher", "teacher", (), lambda r: {"model": r.model, "weights": r.weights, "data": r.data,
-                                                   "train": r.train.model_dump()},
-             external=lambda ctx: {"data": ctx.data_fingerprint}),
+                                                   "train": r.train.model_dump(), "metric": r.metric,
+                                                   "metric_output": r.metric_output},
+             external=lambda ctx: {"data": ctx.data_fingerprint, **_user_code(ctx.recipe)}),
     StageDef("prune", "prune", ("teacher",), lambda r: r.prune.model_dump(), lambda r: r.prune.enabled),
     StageDef("distill", "distill", ("teacher", "prune"), lambda r: r.distill.model_dump(),
              lambda r: r.distill.enabled),
@@ -293,6 +294,18 @@ def _stage_folder(store: RunStore, stage: str, ddp: bool) -> Iterator[Path]:
 
 def _brief(rec: dict) -> dict:
     return {"seconds": rec.get("seconds"), "metrics": rec.get("metrics", {})}
+
+
+def _user_code(recipe: Recipe) -> dict:
+    """Content hashes of what the teacher is built from: the weights file's bytes and the user's modules."""
+    from edge_pipeline.runstore import module_fingerprint, sha256_file
+
+    out = {"model_code": module_fingerprint(recipe.model), "data_code": module_fingerprint(recipe.data)}
+    if recipe.weights and Path(recipe.weights).is_file():
+        out["weights"] = sha256_file(Path(recipe.weights))
+    if recipe.metric not in ("auto", "top1", "top5", "cosine", "sqnr", "max_abs"):
+        out["metric_code"] = module_fingerprint(recipe.metric)
+    return out
 
 
 def _pinned_set_hash(recipe: Recipe) -> str | None:

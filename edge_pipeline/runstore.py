@@ -33,6 +33,37 @@ def toolchain_versions() -> dict[str, str | None]:
     return out
 
 
+def source_fingerprint() -> str:
+    """sha256 over edge-pipeline's own code, its on-device runner and built-in target profiles: a changed
+    pipeline re-runs its stages (a version string alone does not change between commits)."""
+    from edge_pipeline.devices.runner import RUNNER_PATH
+    from edge_pipeline.targets import BUILTIN_DIR
+
+    pkg = Path(__file__).resolve().parent
+    files = sorted(pkg.rglob("*.py")) + [RUNNER_PATH] + sorted(BUILTIN_DIR.glob("*.yaml"))
+    h = hashlib.sha256()
+    for f in files:
+        if f.is_file():
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def module_fingerprint(source: str) -> str | None:
+    """sha256 of the file that defines a ``package.module:callable`` source: editing the user's model or data
+    code changes the keys of the stages that used it."""
+    import importlib.util
+
+    mod = source.partition(":")[0]
+    if not mod or source.startswith("zoo:") or ":" not in source:
+        return None
+    try:
+        spec = importlib.util.find_spec(mod)
+    except (ImportError, ValueError):
+        return None
+    origin = getattr(spec, "origin", None) if spec else None
+    return sha256_file(Path(origin)) if origin and Path(origin).is_file() else None
+
+
 def stable_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -57,7 +88,7 @@ class RunStore:
     def __init__(self, root: Path, recipe_name: str, run_id: str, stage_order: list[str]):
         self.dir = Path(root) / recipe_name / run_id
         self.order = stage_order
-        self.versions = toolchain_versions()
+        self.versions = {**toolchain_versions(), "edge-pipeline-source": source_fingerprint()}
 
     def folder_name(self, stage: str) -> str:
         return f"{self.order.index(stage):02d}-{stage}"

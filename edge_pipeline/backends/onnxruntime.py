@@ -68,7 +68,7 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
                 extra["CalibPercentile"] = q.percentile
             kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                           calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]), extra_options=extra,
-                          nodes_to_exclude=onnx_nodes_for(build / "pre.onnx", float_layers))
+                          nodes_to_exclude=nodes_kept_float(build / "float.onnx", build / "pre.onnx", float_layers))
         quantize_static(str(build / "pre.onnx"), str(final), _reader(calibration, iface.input_names),
                         quant_format=QuantFormat.QDQ, **kwargs)
     else:
@@ -82,6 +82,35 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     shutil.rmtree(build)
     (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers), indent=1))
     return out_dir / f"model{SUFFIX}"
+
+
+def nodes_kept_float(float_path: Path, pre_path: Path, layers) -> list[str]:
+    """Nodes quantize_static must leave in float: those of the fallback's layers (matched on the exported
+    graph, whose node metadata quant_pre_process drops; node names survive it), and those whose tensors can
+    carry +-inf (an attention mask filled with -inf): a quantization range over infinity is no range at all."""
+    import onnx
+
+    pre = onnx.load(str(pre_path))
+    names = {n.name for n in pre.graph.node}
+    return sorted((set(onnx_nodes_for(float_path, layers)) & names) | set(infinite_nodes(pre)))
+
+
+def infinite_nodes(model) -> list[str]:
+    """Nodes downstream of a non-finite constant, up to and including the Softmax that absorbs it."""
+    from onnx import numpy_helper
+
+    inf = {t.name for t in model.graph.initializer
+           if t.data_type in (1, 10, 11) and not np.isfinite(numpy_helper.to_array(t)).all()}
+    out = []
+    for n in model.graph.node:  # ONNX graphs are topologically sorted
+        if n.op_type == "Constant" and any(a.t.data_type in (1, 10, 11) and not np.isfinite(
+                numpy_helper.to_array(a.t)).all() for a in n.attribute if a.name == "value"):
+            inf.update(n.output)
+        elif inf & set(n.input):
+            out.append(n.name)
+            if n.op_type != "Softmax":
+                inf.update(n.output)
+    return out
 
 
 def module_paths(node) -> list[str]:
