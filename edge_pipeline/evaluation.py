@@ -35,13 +35,13 @@ def _cat(chunks: list[list[np.ndarray]]) -> list[np.ndarray]:
 def predict(model: nn.Module, split: Split, batch_size: int = 64, device: str = "cpu") -> list[np.ndarray]:
     """Every output of the model over the split, batched, in eval mode (the mode is restored after)."""
     flat = model if isinstance(model, FlatModel) else FlatModel(model)
-    was_training = flat.training
+    was_training = flat.model.training  # the wrapped model's mode: a fresh wrapper says "training"
     flat.eval()
     chunks = []
     for inputs, _ in split.batches(batch_size):
         outs = flat(*[torch.from_numpy(a).to(device) for a in inputs])
         chunks.append([o.detach().float().cpu().numpy() for o in outs])
-    flat.train(was_training)
+    flat.model.train(was_training)
     return _cat(chunks)
 
 

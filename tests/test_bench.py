@@ -8,7 +8,7 @@ from edge_pipeline import bench
 
 
 def _row(size, params, p50, acc, **extra):
-    return {"size_bytes": size, "params": params, "test_accuracy": acc, "threads_1": {"p50_ms": p50}, **extra}
+    return {"size_bytes": size, "params": params, "test_metric": acc, "threads_1": {"p50_ms": p50}, **extra}
 
 
 def _backend(ours_size, ours_p50, ours_acc, default_acc=0.99):

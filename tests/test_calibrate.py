@@ -7,11 +7,12 @@ import pytest
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.stages.calibrate import draw, load_set, provenance, write_set
+from tests.conftest import evaluator_for
 
 
 def test_draw_is_seeded_stratified_and_from_train_only(digits):
-    x1, y1, sampling = draw(digits, 100, seed=3)
-    x2, _, _ = draw(digits, 100, seed=3)
+    (x1,), y1, sampling = draw(digits, 100, seed=3)
+    (x2,), _, _ = draw(digits, 100, seed=3)
     assert np.array_equal(x1, x2) and sampling == "stratified by class"
     counts = np.bincount(y1, minlength=10)
     assert counts.min() >= 8 and counts.max() <= 12
@@ -23,16 +24,16 @@ def test_pinned_set_roundtrip_and_tamper_detection(digits, tmp_path):
     x, y, s = draw(digits, 64, seed=0)
     prov = write_set(tmp_path / "set", x, y, provenance(digits, x, y, 0, s))
     loaded, prov2 = load_set(tmp_path / "set", digits)
-    assert np.array_equal(loaded, x) and prov2["sha256"] == prov["sha256"]
+    assert np.array_equal(loaded[0], x[0]) and prov2["sha256"] == prov["sha256"]
     assert prov["class_histogram"]["0"] >= 5 and prov["split"] == "train"
-    np.savez(tmp_path / "set.npz", x=x * 2, y=y)
+    np.savez(tmp_path / "set.npz", input_0=x[0] * 2, y=y)
     with pytest.raises(PipelineError, match="does not match the sha256"):
         load_set(tmp_path / "set", digits)
 
 
 def _pin(tmp_path, digits, x, **prov_over):
-    prov = {**provenance(digits, x, None, 0, "test"), **prov_over}
-    write_set(tmp_path / "bad", x, None, prov)
+    prov = {**provenance(digits, (x,), None, 0, "test"), **prov_over}
+    write_set(tmp_path / "bad", (x,), None, prov)
     return tmp_path / "bad"
 
 
@@ -78,4 +79,5 @@ def test_ort_refuses_histogram(digits, tmp_path):
     p = p.model_copy(update={"quantization": p.quantization.model_copy(update={"method": "histogram"})})
     model = build_model("zoo:digits-cnn", 10, 1, width=0.25).eval()
     with pytest.raises(PipelineError, match="'histogram' is not available for backend 'onnxruntime'"):
-        ort_backend.export(model, torch.from_numpy(digits.test.x[:1]), digits.train.x[:4], p, tmp_path)
+        ort_backend.export(model, (torch.from_numpy(digits.test.x[:1]),), (digits.train.x[:4],), p, tmp_path,
+                           evaluator_for(model, digits).iface)

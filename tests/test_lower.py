@@ -11,6 +11,7 @@ from edge_pipeline.sources import build_model
 from edge_pipeline.stages.lower import lower_all
 from edge_pipeline.targets import load_profile
 from edge_pipeline.training import fit
+from tests.conftest import evaluator_for
 
 INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8"]
 
@@ -19,7 +20,8 @@ INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8"]
 @pytest.mark.parametrize("zoo", ["mobilenetv2-tiny", "resnet-tiny"])
 def test_zoo_models_lower_to_all_three_runtimes_in_int8(digits, zoo, tmp_path):
     model = fit(build_model(f"zoo:{zoo}", 10, 1), digits.train, epochs=3, lr=3e-3)
-    result = lower_all(model, [load_profile(p) for p in INT8], digits, digits.train.x[:64], tmp_path)
+    result = lower_all(model, [load_profile(p) for p in INT8], evaluator_for(model, digits), digits.train.x[:64],
+                       tmp_path)
     for name in INT8:
         t = result["targets"][name]
         assert "error" not in t, t.get("error")
@@ -31,7 +33,7 @@ def test_zoo_models_lower_to_all_three_runtimes_in_int8(digits, zoo, tmp_path):
     assert (tmp_path / "ort-mobile-int8" / "required_operators.config").is_file()
     assert (tmp_path / "ort-mobile-int8" / "test_data_set_0" / "input_0.pb").is_file()
     tfl = result["targets"]["tflite-int8"]["describe"]
-    assert tfl["quantized_io"]["input"]["scale"] > 0 and tfl["inputs"][0]["dtype"] == "int8"
+    assert tfl["quantized_io"]["inputs"]["x"]["scale"] > 0 and tfl["inputs"][0]["dtype"] == "int8"
     assert (tmp_path / "tflite-int8" / "input_0.raw").stat().st_size == 64  # 1x1x8x8 int8
 
 
@@ -72,7 +74,8 @@ class WithSort(nn.Module):
 @pytest.mark.slow
 def test_op_some_backends_cannot_take_fails_only_those_with_the_op_named(digits, tmp_path):
     profiles = [load_profile(p) for p in ("executorch-xnnpack-fp32", "ort-mobile-fp32", "tflite-fp32")]
-    result = lower_all(WithSort().eval(), profiles, digits, digits.train.x[:8], tmp_path)
+    model = WithSort().eval()
+    result = lower_all(model, profiles, evaluator_for(model, digits), digits.train.x[:8], tmp_path)
     assert result["failed_targets"] == ["executorch-xnnpack-fp32", "tflite-fp32"]
     tfl = result["targets"]["tflite-fp32"]
     assert "SORT" in tfl["error"] and tfl["where"] == "op aten.sort.default in module '(top level)'"
@@ -86,7 +89,8 @@ def test_op_some_backends_cannot_take_fails_only_those_with_the_op_named(digits,
 @pytest.mark.slow
 def test_unsupported_op_fails_its_target_with_the_op_named_and_others_still_run(digits, tmp_path):
     profiles = [load_profile(p) for p in ("ort-mobile-fp32", "tflite-fp32", "executorch-xnnpack-fp32")]
-    result = lower_all(WithMysteryOp().eval(), profiles, digits, digits.train.x[:8], tmp_path)
+    model = WithMysteryOp().eval()
+    result = lower_all(model, profiles, evaluator_for(model, digits), digits.train.x[:8], tmp_path)
     assert result["failed_targets"], "a model with a custom op cannot lower everywhere"
     for name in result["failed_targets"]:
         t = result["targets"][name]
@@ -99,11 +103,12 @@ def test_unsupported_op_fails_its_target_with_the_op_named_and_others_still_run(
 
 def test_runner_measures_latency_and_outputs(digits, tmp_path):
     model = build_model("zoo:digits-cnn", 10, 1, width=0.25).eval()
-    result = lower_all(model, [load_profile("ort-mobile-fp32")], digits, digits.train.x[:8], tmp_path)
+    result = lower_all(model, [load_profile("ort-mobile-fp32")], evaluator_for(model, digits), digits.train.x[:8],
+                       tmp_path)
     from edge_pipeline.devices.runner import load_runner
 
     path = tmp_path / result["targets"]["ort-mobile-fp32"]["artifact"]
-    stats, outputs = load_runner().measure(str(path), digits.test.x[:10], threads=1, runs=10, warmup=2)
+    stats, (outputs,) = load_runner().measure(str(path), [digits.test.x[:10]], threads=1, runs=10, warmup=2)
     assert outputs.shape == (10, 10)
     lat = stats["latency"]
     assert lat["runs"] == 10 and lat["p50_ms"] > 0 and lat["p50_ms"] <= lat["p99_ms"]
@@ -135,14 +140,14 @@ def test_accuracy_aware_fallback_keeps_the_sensitive_layer_in_float(digits, tmp_
         p = load_profile(name)
         return p.model_copy(update={"budgets": p.budgets.model_copy(update={"max_accuracy_drop": 0.02})})
 
-    result = lower_all(model, [with_budget("executorch-xnnpack-int8"), with_budget("tflite-int8")], digits,
-                       digits.train.x[:128], tmp_path, sensitivity=True)
+    result = lower_all(model, [with_budget("executorch-xnnpack-int8"), with_budget("tflite-int8")],
+                       evaluator_for(model, digits), digits.train.x[:128], tmp_path, sensitivity=True)
     t = result["targets"]["executorch-xnnpack-int8"]
     assert t["float_layers"] == ["fc1"], t.get("layer_sensitivity")
     assert t["layer_sensitivity"]["fc1"] > 0.5 > t["layer_sensitivity"]["fc2"]
-    assert t["fallback"]["all_int8"]["val_accuracy"] < result["float"]["val_accuracy"] - 0.02
+    assert t["fallback"]["all_int8"]["val_metric"] < result["float"]["val_metric"] - 0.02
     assert t["fallback"]["size_cost_bytes"] > 0
-    assert result["float"]["val_accuracy"] - t["val_accuracy"] <= 0.02 and not t["failures"]
+    assert result["float"]["val_metric"] - t["val_metric"] <= 0.02 and not t["failures"]
     tfl = result["targets"]["tflite-int8"]
     assert "cannot keep layers in float" in tfl["fallback"]["unsupported"]
     assert tfl["failures"] and "tflite-int8" in result["failed_targets"]

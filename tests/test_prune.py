@@ -9,16 +9,17 @@ from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import PruneConfig
 from edge_pipeline.sources import build_model
 from edge_pipeline.stages.prune import prune
+from tests.conftest import evaluator_for
 
 
 @pytest.mark.parametrize("zoo", ["mobilenetv2-tiny", "resnet-tiny", "digits-cnn"])
 @pytest.mark.parametrize("importance", ["l2", "bn_scale", "taylor"])
 def test_budget_is_met_and_model_still_runs_and_exports(digits, zoo, importance, tmp_path):
     model = build_model(f"zoo:{zoo}", 10, 1)
-    base = model_stats(model, digits.input_shape)
+    base = model_stats(model, digits.example)
     cfg = PruneConfig(max_macs=0.5, iterative_steps=2, finetune_epochs=0, importance=importance)
-    res = prune(model, digits, cfg)
-    after = model_stats(res.model, digits.input_shape)
+    res = prune(model, digits, cfg, evaluator_for(model, digits))
+    after = model_stats(res.model, digits.example)
     assert after["macs"] <= 0.5 * base["macs"] * 1.05
     assert after["macs"] >= 0.5 * base["macs"] * 0.80, "pruned far past the budget"
     assert after["params"] < base["params"]
@@ -34,16 +35,16 @@ def test_budget_is_met_and_model_still_runs_and_exports(digits, zoo, importance,
 
 def test_ratio_target_and_head_kept(digits):
     model = build_model("zoo:digits-cnn", 10, 1)
-    res = prune(model, digits, PruneConfig(ratio=0.5, iterative_steps=2, finetune_epochs=1))
+    res = prune(model, digits, PruneConfig(ratio=0.5, iterative_steps=2, finetune_epochs=1), evaluator_for(model, digits))
     assert res.model.classifier.out_features == 10
     assert res.macs[1] < 0.5 * res.macs[0]
-    assert set(res.val_accuracy) == {"before", "pruned", "finetuned"}
+    assert set(res.val_metric) == {"before", "pruned", "finetuned"}
 
 
 def test_sensitivity_scan_gives_per_layer_drops(digits):
     model = build_model("zoo:digits-cnn", 10, 1)
     res = prune(model, digits, PruneConfig(max_macs=0.6, sensitivity_scan=True, scan_ratios=[0.3, 0.6],
-                                           finetune_epochs=0, iterative_steps=1))
+                                           finetune_epochs=0, iterative_steps=1), evaluator_for(model, digits))
     assert res.sensitivity and all(set(v) == {"0.3", "0.6"} for v in res.sensitivity.values())
     assert "classifier" not in res.sensitivity
 
@@ -51,7 +52,7 @@ def test_sensitivity_scan_gives_per_layer_drops(digits):
 @pytest.mark.parametrize("method", ["unstructured", "2:4"])
 def test_sparsity_options_zero_weights_but_keep_shapes(digits, method):
     model = build_model("zoo:digits-cnn", 10, 1)
-    res = prune(model, digits, PruneConfig(method=method, ratio=0.5, finetune_epochs=1))
+    res = prune(model, digits, PruneConfig(method=method, ratio=0.5, finetune_epochs=1), evaluator_for(model, digits))
     assert res.macs[0] == res.macs[1] and res.params[0] == res.params[1]
     assert 0.45 <= res.sparsity <= 0.55
 
@@ -59,14 +60,15 @@ def test_sparsity_options_zero_weights_but_keep_shapes(digits, method):
 def test_unknown_ignored_layer_is_a_clear_error(digits):
     model = build_model("zoo:digits-cnn", 10, 1)
     with pytest.raises(PipelineError, match="layer 'classifer' in prune.ignore does not exist") as e:
-        prune(model, digits, PruneConfig(ratio=0.5, ignore=["classifer"]))
+        prune(model, digits, PruneConfig(ratio=0.5, ignore=["classifer"]), evaluator_for(model, digits))
     assert "classifier" in e.value.hint and "prune.ignore[0]" in e.value.where
 
 
 def test_budget_that_cannot_be_met_is_a_clear_error(digits):
     model = build_model("zoo:digits-cnn", 10, 1)
     with pytest.raises(PipelineError, match="budget cannot be met"):
-        prune(model, digits, PruneConfig(max_macs=0.01, max_layer_ratio=0.5, finetune_epochs=0))
+        prune(model, digits, PruneConfig(max_macs=0.01, max_layer_ratio=0.5, finetune_epochs=0),
+              evaluator_for(model, digits))
 
 
 def test_loading_onto_another_architecture_is_refused(digits, tmp_path):
@@ -78,7 +80,8 @@ def test_loading_onto_another_architecture_is_refused(digits, tmp_path):
 
 def test_round_to_keeps_channel_counts_in_multiples(digits):
     model = build_model("zoo:digits-cnn", 10, 1)
-    res = prune(model, digits, PruneConfig(max_macs=0.3, iterative_steps=1, finetune_epochs=0, round_to=8))
+    res = prune(model, digits, PruneConfig(max_macs=0.3, iterative_steps=1, finetune_epochs=0, round_to=8),
+                evaluator_for(model, digits))
     convs = [m for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(c.out_channels % 8 == 0 for c in convs), [c.out_channels for c in convs]
     assert res.macs[1] <= 0.3 * res.macs[0] and any(c.out_channels < 64 for c in convs)

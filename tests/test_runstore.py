@@ -73,7 +73,7 @@ def test_pinned_set_is_drawn_once_then_reused_without_rerunning_downstream(write
     import numpy as np
 
     with np.load(pinned.with_suffix(".npz")) as z:
-        np.savez(pinned.with_suffix(".npz"), x=z["x"] * 0.5, y=z["y"])
+        np.savez(pinned.with_suffix(".npz"), input_0=z["input_0"] * 0.5, y=z["y"])
     import pytest
 
     from edge_pipeline.errors import PipelineError

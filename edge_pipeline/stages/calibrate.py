@@ -47,7 +47,7 @@ def provenance(data: Splits, x: tuple[np.ndarray, ...], y: np.ndarray | None, se
     return {"source": data.source, "data_fingerprint": data.fingerprint(), "split": "train", "seed": seed,
             "sampling": sampling, "samples": len(x[0]), "inputs": [
                 {"shape": list(a.shape[1:]), "dtype": str(a.dtype),
-                 "stats": None if a.dtype.kind != "f" else {"min": float(a.min()), "max": float(a.max()),
+                 "stats": None if a.dtype.kind != "f" or not len(a) else {"min": float(a.min()), "max": float(a.max()),
                                                             "mean": float(a.mean()), "std": float(a.std())}}
                 for a in x], "class_histogram": hist}
 

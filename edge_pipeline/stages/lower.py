@@ -182,9 +182,13 @@ def budget_failures(profile: Profile, m: dict) -> list[str]:
     return parity + b.violations(size_bytes=m["size_bytes"], accuracy_drop=m.get("metric_drop"))
 
 
-def lower_all(model: nn.Module, iface: ModelInterface, profiles: list[Profile], ev: Evaluator,
-              calibration: tuple[np.ndarray, ...], out: Path, sensitivity: bool = True) -> dict:
+def lower_all(model: nn.Module, profiles: list[Profile], ev: Evaluator, calibration, out: Path,
+              sensitivity: bool = True) -> dict:
+    """Every target profile, each failing alone; ``calibration`` is the representative set's inputs (one array
+    or a tuple of them, one row per sample)."""
     model = model if isinstance(model, FlatModel) else FlatModel(model)
+    calibration = tuple(calibration) if isinstance(calibration, (tuple, list)) else (calibration,)
+    iface = ev.iface
     ref = Reference(model, ev)
     targets, failed = {}, []
     with progress.task("lowering", total=len(profiles)) as t:
@@ -234,7 +238,7 @@ def run(ctx, out: Path) -> dict:
     model, _ = load_model(ctx.model_dir() / "model.pt")
     calibration = load_calibration(ctx.stage_dir("calibrate") / "calibration.npz")
     profiles = [load_profile(t) for t in ctx.recipe.targets]
-    result = lower_all(model, ctx.iface, profiles, ctx.evaluator, calibration, out, ctx.recipe.calibrate.sensitivity)
+    result = lower_all(model, profiles, ctx.evaluator, calibration, out, ctx.recipe.calibrate.sensitivity)
     write_golden(out / "golden.npz", model, ctx.data)
     (out / "targets.json").write_text(json.dumps(result["targets"], indent=1, default=str))
     return result
