@@ -35,7 +35,8 @@ def teacher(digits):
 
 def test_student_learns_from_teacher_soft_targets_only(digits, teacher):
     student = build_model("zoo:digits-cnn", 10, 1, width=0.25)
-    res = distill(teacher, student, ARCH, digits, DistillConfig(epochs=8, soft_only=True), evaluator_for(teacher, digits))
+    res = distill(teacher, student, ARCH, digits, DistillConfig(epochs=8, soft_only=True),
+                  evaluator_for(teacher, digits))
     assert len(res.curves) == 8
     assert res.curves[-1]["val_cosine"] > 0.85 and res.curves[-1]["val_metric"] > 0.85
 
@@ -59,7 +60,8 @@ def test_missing_hint_layer_is_refused(digits):
     teacher = build_model("zoo:digits-cnn", 10, 1)
     student = build_model("zoo:digits-cnn", 10, 1, width=0.25)
     with pytest.raises(PipelineError, match="hint layer 'nope' does not exist in the student") as e:
-        distill(teacher, student, ARCH, digits, DistillConfig(epochs=1, hint_layers=[("nope", "features.0")]), evaluator_for(teacher, digits))
+        distill(teacher, student, ARCH, digits, DistillConfig(epochs=1, hint_layers=[("nope", "features.0")]),
+                evaluator_for(teacher, digits))
     assert "distill.hint_layers[0]" in e.value.where
 
 

@@ -35,7 +35,8 @@ def test_budget_is_met_and_model_still_runs_and_exports(digits, zoo, importance,
 
 def test_ratio_target_and_head_kept(digits):
     model = build_model("zoo:digits-cnn", 10, 1)
-    res = prune(model, digits, PruneConfig(ratio=0.5, iterative_steps=2, finetune_epochs=1), evaluator_for(model, digits))
+    res = prune(model, digits, PruneConfig(ratio=0.5, iterative_steps=2, finetune_epochs=1),
+                evaluator_for(model, digits))
     assert res.model.classifier.out_features == 10
     assert res.macs[1] < 0.5 * res.macs[0]
     assert set(res.val_metric) == {"before", "pruned", "finetuned"}
