@@ -32,6 +32,10 @@ SUMMARY_KEYS = {
 }
 
 
+# 0 ok, 1 a target missed its budget or checks, 2 bad input, 3 an internal or runtime failure, 130 Ctrl-C.
+EXIT_INTERNAL, EXIT_INTERRUPTED = 3, 130
+
+
 class RichSink:
     """Shows library progress as rich bars on stderr (stdout stays clean for --json)."""
 
@@ -74,6 +78,15 @@ def handle_errors(fn):
                 raise
             console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            console.print("[bold red]interrupted[/bold red] (run.json records it; the next run resumes)")
+            sys.exit(EXIT_INTERRUPTED)
+        except Exception as e:  # noqa: BLE001 - a crash is reported, not dumped; --debug shows the traceback
+            if debug:
+                raise
+            console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}\n"
+                          "  run again with --debug for the traceback", highlight=False)
+            sys.exit(EXIT_INTERNAL)
 
     return wrapper
 
