@@ -5,7 +5,8 @@ device-test, package, verify and bench. Outputs are always a list of arrays, one
 model interface, rows in split order.
 
 Metrics: ``top1``/``top5`` (labels; on the recipe's ``metric_output``), per-output ``cosine``, ``sqnr`` and
-``max_abs`` against the float model's outputs (``auto`` picks cosine when there are no labels), or a user's
+``max_abs`` against the float model's outputs (``auto`` picks cosine when there are no labels), ``agreement``
+(top-1 agreement with the float teacher, for classifiers without labels), or a user's
 ``package.module:callable(outputs: dict[name, array], labels) -> float`` (higher is better).
 """
 
@@ -24,7 +25,7 @@ from edge_pipeline.errors import PipelineError
 from edge_pipeline.interface import FlatModel, ModelInterface
 from edge_pipeline.sources.data import Split, Splits
 
-BUILTIN_METRICS = ("top1", "top5", "cosine", "sqnr", "max_abs")
+BUILTIN_METRICS = ("top1", "top5", "agreement", "cosine", "sqnr", "max_abs")
 
 
 def _cat(chunks: list[list[np.ndarray]]) -> list[np.ndarray]:
@@ -136,6 +137,9 @@ def resolve_metric(spec: str, output_names: list[str], has_labels: bool, metric_
             raise PipelineError(f"metric {spec} needs labels, and the data has none", where=where,
                                 hint="use cosine, sqnr or max_abs (against the float model), or a callable")
         return Metric(spec, _topk(int(spec[3]), output), needs_labels=True, output=output)
+    if spec == "agreement":  # top-1 agreement with the float teacher: the float model's top-1 as the label
+        return Metric(spec, lambda outs, _labels, ref: output_agreement(outs[output], ref[output])["top1_agreement"],
+                      output=output)
     if spec == "cosine":
         return Metric(spec, _vs_reference("cosine", min))
     if spec == "sqnr":

@@ -30,7 +30,7 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
         base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel)
         q = XNNPACKQuantizer().set_global(pt2e.configure(base, profile))
     pt2e.keep_float(q, float_layers)
-    return q
+    return q if default else pt2e.FusedActivations(q)
 
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],

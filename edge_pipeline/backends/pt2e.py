@@ -48,7 +48,8 @@ def export_for_calibration(model: nn.Module, calibration: tuple[np.ndarray, ...]
         example = tuple(torch.from_numpy(a[:n]) for a in calibration)
         batch = torch.export.Dim("batch", min=1, max=max(CALIBRATION_BATCH, n))
         try:
-            ep = torch.export.export(model.eval(), example, dynamic_shapes=tuple({0: batch} for _ in example))
+            # FlatModel.forward(*inputs): one varargs parameter, whose spec is the tuple of per-input specs.
+            ep = torch.export.export(model.eval(), example, dynamic_shapes=(tuple({0: batch} for _ in example),))
             return ep.module(), CALIBRATION_BATCH
         except Exception:  # noqa: BLE001 - shape-specialized models: fall back to batch 1
             pass
@@ -62,6 +63,7 @@ def quantize(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer,
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     gm, batch = export_for_calibration(model, calibration)
+    canonicalize_clamps(gm)
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for i in range(0, len(calibration[0]), batch):
@@ -79,3 +81,76 @@ def keep_float(quantizer, layers) -> None:
     """
     for name in layers:
         quantizer.module_name_config[flat_name(name)] = None
+
+
+def canonicalize_clamps(gm: torch.fx.GraphModule) -> None:
+    """``clamp(x, 0, 6)`` (how many models write ReLU6) becomes ``hardtanh(x, 0, 6)`` and ``clamp(x, min=0)``
+    becomes ``relu``: the same function, in the form quantizers and XNNPACK fuse into the op before it."""
+    aten = torch.ops.aten
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or n.target not in (aten.clamp.default, aten.clamp_.default):
+            continue
+        lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min")
+        hi = n.args[2] if len(n.args) > 2 else n.kwargs.get("max")
+        if not all(v is None or isinstance(v, (int, float)) for v in (lo, hi)) or lo is None:
+            continue
+        if hi is None and lo == 0:
+            n.target, n.args, n.kwargs = aten.relu.default, (n.args[0],), {}
+        elif hi is not None:
+            n.target, n.args, n.kwargs = aten.hardtanh.default, (n.args[0], float(lo), float(hi)), {}
+    gm.recompile()
+
+
+class FusedActivations:
+    """A PT2E quantizer that also fuses bounded activations into the op before them.
+
+    XNNPACKQuantizer fuses conv/linear/add with ReLU, but not with hardtanh (ReLU6): it quantizes the conv's
+    pre-activation output, whose range after BatchNorm folding is wide, and only then clamps, so MobileNet-
+    and EfficientNet-Lite-style models lose most of their int8 resolution. Here the producer's output stays
+    float and the activation's output carries its quantization spec, as the conv+ReLU pattern does (XNNPACK then
+    fuses the clamp into the int8 op as its output range).
+    """
+
+    ACTIVATIONS = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default")
+    PRODUCERS = ("conv1d.default", "conv2d.default", "linear.default", "add.Tensor", "add_.Tensor")
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def transform_for_annotation(self, gm):
+        return self.inner.transform_for_annotation(gm)
+
+    def annotate(self, gm):
+        gm = self.inner.annotate(gm)
+        fuse_activation_annotations(gm, self.ACTIVATIONS, self.PRODUCERS)
+        return gm
+
+    def validate(self, gm) -> None:
+        self.inner.validate(gm)
+
+
+def _op(n) -> str:
+    return str(n.target).removeprefix("aten.")
+
+
+def fuse_activation_annotations(gm, activations, producers) -> int:
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    key = "quantization_annotation"
+    fused = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or _op(n) not in activations or not n.args:
+            continue
+        p = n.args[0]
+        if not isinstance(p, torch.fx.Node) or _op(p) not in producers or len(p.users) != 1:
+            continue
+        pa = p.meta.get(key)
+        if pa is None or pa.output_qspec is None or getattr(pa.output_qspec, "edge_or_node", None) is not None:
+            continue  # not quantized (kept float), or its output shares another tensor's scale
+        n.meta[key] = QuantizationAnnotation(input_qspec_map={}, output_qspec=pa.output_qspec, _annotated=True)
+        pa.output_qspec = None
+        fused += 1
+    return fused
