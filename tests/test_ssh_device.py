@@ -62,7 +62,7 @@ def test_ssh_results_equal_local_results(sshd, lowered, digits):  # noqa: F811
     for by_device in res["results"].values():
         local, remote = by_device["local"], by_device[spec]
         assert "error" not in remote, remote
-        assert remote["test_accuracy"] == local["test_accuracy"]
+        assert remote["test_metric"] == local["test_metric"]
         assert remote["agreement_with_teacher"] == local["agreement_with_teacher"]
         assert remote["size_bytes"] == local["size_bytes"] and remote["latency"]["runs"] == 5
     leftovers = list(Path("/tmp").glob("edge-device-*"))

@@ -46,7 +46,7 @@ def export_for_calibration(model: nn.Module, calibration: tuple[np.ndarray, ...]
     n = min(16, len(calibration[0]))
     if n >= 2:
         example = tuple(torch.from_numpy(a[:n]) for a in calibration)
-        batch = torch.export.Dim("batch", min=1, max=max(CALIBRATION_BATCH, n))
+        batch = torch.export.Dim("batch", min=1, max=max(2 * CALIBRATION_BATCH, n))
         try:
             # FlatModel.forward(*inputs): one varargs parameter, whose spec is the tuple of per-input specs.
             ep = torch.export.export(model.eval(), example, dynamic_shapes=(tuple({0: batch} for _ in example),))
@@ -84,10 +84,13 @@ def keep_float(quantizer, layers) -> None:
 
 
 def canonicalize_clamps(gm: torch.fx.GraphModule) -> None:
-    """``clamp(x, 0, 6)`` (how many models write ReLU6) becomes ``hardtanh(x, 0, 6)`` and ``clamp(x, min=0)``
-    becomes ``relu``: the same function, in the form quantizers and XNNPACK fuse into the op before it."""
+    """``clamp(x, 0, 6)`` and ``relu6`` (how models write ReLU6) become ``hardtanh(x, 0, 6)``, and ``clamp(x,
+    min=0)`` becomes ``relu``: the same function, in the form quantizers and XNNPACK fuse into the op before it."""
     aten = torch.ops.aten
     for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (aten.relu6.default, aten.relu6_.default):
+            n.target, n.args, n.kwargs = aten.hardtanh.default, (n.args[0], 0.0, 6.0), {}
+            continue
         if n.op != "call_function" or n.target not in (aten.clamp.default, aten.clamp_.default):
             continue
         lo = n.args[1] if len(n.args) > 1 else n.kwargs.get("min")

@@ -1,0 +1,119 @@
+"""Int8 that is right on real CNNs: bounded activations fused into the op before them (ExecuTorch's PT2E path)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edge_pipeline.backends import pt2e
+from edge_pipeline.backends.executorch import _quantizer
+from edge_pipeline.interface import FlatModel
+from edge_pipeline.targets import load_profile
+
+
+class ConvReLU6(nn.Module):
+    """Conv + BN + ReLU6 written three ways, as real models do."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16)
+        self.c3 = nn.Conv2d(16, 8, 1)
+        for bn in (self.b1, self.b2):  # a wide pre-activation range, as after real training
+            bn.weight.data.uniform_(2, 6)
+            bn.bias.data.uniform_(-8, 4)
+
+    def forward(self, x):
+        x = torch.clamp(self.b1(self.c1(x)), 0, 6)
+        x = nn.functional.relu6(self.b2(self.c2(x)))
+        return nn.functional.hardtanh(self.c3(x), 0.0, 6.0).mean((2, 3))
+
+
+def _annotated(model, calibration):
+    gm, _ = pt2e.export_for_calibration(model, calibration)
+    pt2e.canonicalize_clamps(gm)
+    return gm
+
+
+def test_clamps_become_hardtanh_and_their_conv_output_is_not_quantized():
+    model = FlatModel(ConvReLU6().eval())
+    cal = (np.random.default_rng(0).standard_normal((32, 3, 8, 8)).astype(np.float32),)
+    gm = _annotated(model, cal)
+    ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert "aten.clamp.default" not in ops and ops.count("aten.hardtanh.default") == 3
+    q = _quantizer(load_profile("executorch-xnnpack-int8"), ())
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    prepared = prepare_pt2e(gm, q)
+    convs = [n for n in prepared.graph.nodes if str(n.target) == "aten.conv2d.default"]
+    # No observer sits between a conv and its activation: each conv's only user is the activation itself.
+    assert convs and all([str(u.target) for u in c.users] == ["aten.hardtanh.default"] for c in convs)
+
+
+def test_fused_int8_keeps_the_post_activation_resolution():
+    model = FlatModel(ConvReLU6().eval())
+    rng = np.random.default_rng(1)
+    cal = (rng.standard_normal((64, 3, 8, 8)).astype(np.float32),)
+    x = torch.from_numpy(rng.standard_normal((32, 3, 8, 8)).astype(np.float32))
+    ref = model(x)[0]
+    profile = load_profile("executorch-xnnpack-int8")
+
+    def sqnr(quantizer):
+        out = pt2e.quantize(model, cal, quantizer)(x)[0]
+        return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum()))
+
+    fused = sqnr(_quantizer(profile, ()))
+    unfused = sqnr(_quantizer(profile, ()).inner)
+    assert fused > unfused + 3, (fused, unfused)
+
+
+@pytest.mark.slow
+def test_real_pretrained_mobile_cnn_keeps_its_top1_in_int8():
+    """EfficientNet-Lite0 with its published weights, on held-out crops of real photographs: the PT2E int8 model
+    that ExecuTorch lowers agrees with the float model's top-1 (53% before the ReLU6 fusion)."""
+    from edge_pipeline.evaluation import predict
+    from edge_pipeline.sources import load_data
+    from edge_pipeline.sources.data import ArraySplit
+    from edge_pipeline.sources.pretrained import efficientnet_lite0
+
+    data = load_data("edge_pipeline.sources.pretrained:photos")
+    model = FlatModel(efficientnet_lite0())
+    test = ArraySplit(data.test.rows(np.arange(0, len(data.test), 2)), None)
+    ref = predict(model, test)[0].argmax(1)
+    cal = data.train.rows(np.arange(0, len(data.train), 3))
+    gm = pt2e.quantize(model, cal, _quantizer(load_profile("executorch-xnnpack-int8"), ()))
+    out = predict(gm, test)[0].argmax(1)
+    assert (out == ref).mean() >= 0.75
+
+
+class Eleven(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(*[nn.Linear(8, 8) for _ in range(11)])
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def test_ort_float_fallback_matches_module_paths_exactly(tmp_path):
+    """features.1 must not also match features.10 (a substring match did), and the names survive
+    quant_pre_process, which drops the node metadata the paths are read from."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edge_pipeline.backends.onnxruntime import _float_onnx, nodes_kept_float, onnx_nodes_for
+    from edge_pipeline.interface import discover
+
+    model = FlatModel(Eleven().eval())
+    iface = discover(model, (np.zeros((2, 8), np.float32),))
+    _float_onnx(model, (torch.zeros(1, 8),), tmp_path / "f.onnx", iface)
+    names = onnx_nodes_for(tmp_path / "f.onnx", ["features.1"])
+    assert names and all("10" not in n for n in names), names
+    by_path = {n.name: n for n in onnx.load(str(tmp_path / "f.onnx")).graph.node}
+    from edge_pipeline.backends.onnxruntime import module_paths
+
+    assert all("model.features.1" in module_paths(by_path[n]) for n in names)
+    quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"))
+    kept = nodes_kept_float(tmp_path / "f.onnx", tmp_path / "pre.onnx", ["features.1"])
+    assert kept and set(kept) <= set(names)
