@@ -56,8 +56,10 @@ def write_set(base: Path, x: tuple[np.ndarray, ...], y: np.ndarray | None, prov:
     base.parent.mkdir(parents=True, exist_ok=True)
     npz = base.with_suffix(".npz")
     tmp = base.with_name(base.name + ".tmp.npz")
+    from edge_pipeline.devices.runner import load_runner
+
     arrays = {f"input_{i}": a for i, a in enumerate(x)} | ({} if y is None else {"y": y})
-    np.savez(tmp, **arrays)
+    load_runner().save_npz(tmp, arrays)  # byte-identical for the same draw
     tmp.replace(npz)
     prov = {**prov, "sha256": sha256_file(npz)}
     base.with_suffix(".json").write_text(json.dumps(prov, indent=1) + "\n")

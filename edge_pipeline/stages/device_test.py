@@ -41,8 +41,7 @@ def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, ru
 
 def write_inputs(path: Path, split) -> None:
     """The split's inputs as the runner reads them (``input_0``, ``input_1``, ...)."""
-    rows = split.rows(np.arange(len(split)))
-    np.savez(path, **{f"input_{i}": a for i, a in enumerate(rows)})
+    load_runner().save_inputs(path, split.rows(np.arange(len(split))))
 
 
 def check_budgets(profile: Profile, m: dict) -> list[str]:

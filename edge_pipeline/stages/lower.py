@@ -230,8 +230,8 @@ def write_golden(path: Path, model: nn.Module, data) -> None:
     from edge_pipeline.sources.data import ArraySplit
 
     rows = data.test.rows(np.arange(min(GOLDEN_SAMPLES, len(data.test))))
-    np.savez(path, **{f"input_{i}": a for i, a in enumerate(rows)})
-    load_runner().save_outputs(str(path.with_name("golden_outputs.npz")), predict(model, ArraySplit(rows, None)))
+    load_runner().save_inputs(path, rows)
+    load_runner().save_outputs(path.with_name("golden_outputs.npz"), predict(model, ArraySplit(rows, None)))
 
 
 def run(ctx, out: Path) -> dict:
