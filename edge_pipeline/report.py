@@ -140,7 +140,7 @@ def _distill_curves(run_dir: Path) -> str | None:
 
 
 def _quant_sensitivity(targets: dict) -> str | None:
-    sens = {t: m["layer_sensitivity"] for t, m in targets.items() if m.get("layer_sensitivity")}
+    sens = {t: m["layer_error_db"] for t, m in targets.items() if m.get("layer_error_db")}
     if not sens:
         return None
     fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -148,9 +148,9 @@ def _quant_sensitivity(targets: dict) -> str | None:
         layers = list(s)
         ax.bar([j + i * 0.25 for j in range(len(layers))], [s[n] for n in layers], width=0.25, label=t)
         ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=7)
-    ax.set_ylabel("val metric recovered,\nonly this layer float")
+    ax.set_ylabel("own int8 SQNR (dB);\nlower = more error")
     ax.legend(fontsize=7)
-    return _figure("Per-layer quantization sensitivity", fig)
+    return _figure("Per-layer int8 error (each layer against its own int8 copy, one pass)", fig)
 
 
 def _coverage_table(targets: dict) -> str:

@@ -117,3 +117,20 @@ def test_ort_float_fallback_matches_module_paths_exactly(tmp_path):
     quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"))
     kept = nodes_kept_float(tmp_path / "f.onnx", tmp_path / "pre.onnx", ["features.1"])
     assert kept and set(kept) <= set(names)
+
+
+def test_one_pass_layer_error_blames_the_layer_with_the_outlier_weight():
+    """A huge weight on an input that is always 0 leaves the float model as it was but ruins that layer's int8
+    weight scale (as in the digits fallback test); the layers around it are not blamed."""
+    from edge_pipeline.layer_error import layer_errors
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    with torch.no_grad():
+        model[0].weight[0], model[0].bias[0] = 0.0, -1.0  # unit 0 is always 0 after the ReLU
+        model[2].weight[:, 0] = 500.0
+    rng = np.random.default_rng(0)
+    cal, rows = ((rng.standard_normal((64, 16)).astype(np.float32),) for _ in range(2))
+    err = layer_errors(model, cal, rows)
+    assert set(err) == {"0", "2", "4"} and min(err, key=err.get) == "2"
+    assert err["2"] < min(err["0"], err["4"]) - 10

@@ -22,12 +22,11 @@ from edge_pipeline import progress
 from edge_pipeline.backends import get_backend
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
-from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
+from edge_pipeline.interface import FlatModel, ModelInterface
 from edge_pipeline.modelio import load_model
 from edge_pipeline.targets import Profile, load_profile
 
 GOLDEN_SAMPLES = 32
-QUANT_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 def example_inputs(data, rows: int = 1) -> tuple[torch.Tensor, ...]:
@@ -69,9 +68,19 @@ class Reference:
 
     def __init__(self, model: nn.Module, ev: Evaluator):
         self.ev = ev
+        self._errors: dict[str, float] | None = None
         self.val, self.test = predict(model, ev.data.val), predict(model, ev.data.test)
         self.val_metric = ev.score_outputs(self.val, "val")
         self.test_metric = ev.score_outputs(self.test, "test")
+
+    def layer_errors(self, model: nn.Module, calibration: tuple[np.ndarray, ...]) -> dict[str, float]:
+        """Per-layer int8 error (SQNR dB), computed once per lower stage and shared by its targets."""
+        if self._errors is None:
+            from edge_pipeline.layer_error import layer_errors
+
+            val = self.ev.data.val
+            self._errors = layer_errors(model, calibration, val.rows(np.arange(min(64, len(val)))))
+        return self._errors
 
     def float_metrics(self) -> dict:
         return {"metric": self.ev.metric.name, "val_metric": self.val_metric, "test_metric": self.test_metric}
@@ -96,13 +105,9 @@ def evaluate(path: Path, ref: Reference, profile: Profile) -> dict:
             "agreement_with_teacher": agreement(test, ev.reference("test"), ev.names)["worst"]}
 
 
-def _quant_layers(model: nn.Module) -> list[str]:
-    return [n for n, m in unwrap(model).named_modules() if isinstance(m, QUANT_LAYERS)]
-
-
 def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref: Reference,
                  calibration: tuple[np.ndarray, ...], out: Path, sensitivity: bool = True) -> dict:
-    """Export one target (with the float fallback when its accuracy budget is missed) and check it."""
+    """Export one target (with the float fallback when its budget on the recipe's metric is missed) and check it."""
     backend = get_backend(profile.backend)
     example = example_inputs(ref.ev.data)
     tdir = out / profile.name
@@ -122,28 +127,29 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     int8 = profile.precision == "int8"
     mixed = getattr(backend, "MIXED_PRECISION", True)
     float_layers: list[str] = []
-    ranking = None
+    errors = None
     all_int8 = {k: metrics[k] for k in ("size_bytes", "val_metric")}
     if int8 and profile.budgets.max_accuracy_drop is not None and missed(metrics):
         if not mixed:
             metrics["fallback"] = {"unsupported": f"backend {profile.backend} cannot keep layers in float; "
                                                   "the miss is reported as is"}
         elif sensitivity:
-            # Accuracy-aware fallback, decided on the validation split: most sensitive layers back to float.
-            ranking = layer_sensitivity(model, iface, profile, ref, calibration, all_int8["val_metric"])
-            while missed(metrics):
+            # Accuracy-aware fallback, decided on the validation split: the layers with the largest own int8
+            # error (one pass, no export each) go back to float one at a time, each confirmed by a rebuild:
+            # at most 1 + max_float_layers exports.
+            errors = ref.layer_errors(model, calibration)
+            ranked = sorted(errors, key=errors.get)
+            while missed(metrics) and ranked:
                 if len(float_layers) >= profile.quantization.max_float_layers:
                     metrics["fallback_exhausted"] = True
                     break
-                rest = [n for n in sorted(ranking, key=ranking.get, reverse=True) if n not in float_layers]
-                if not rest:
-                    break
-                float_layers.append(rest[0])
-                progress.note(f"{profile.name}: keeping '{rest[0]}' in float ({metric.name} on val "
+                float_layers.append(ranked.pop(0))
+                progress.note(f"{profile.name}: keeping '{float_layers[-1]}' in float ({metric.name} on val "
                               f"{metrics['val_metric']:.4f} misses the budget)")
                 path, metrics = build(tuple(float_layers))
-    if ranking:
-        metrics["layer_sensitivity"] = ranking
+            metrics["fallback_exports"] = 1 + len(float_layers)
+    if errors:
+        metrics["layer_error_db"] = errors
     if float_layers:
         metrics["fallback"] = {"float_layers": float_layers, "all_int8": all_int8,
                                "size_cost_bytes": metrics["size_bytes"] - all_int8["size_bytes"]}
@@ -152,28 +158,6 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     metrics["describe"] = backend.describe(path)
     metrics["failures"] = budget_failures(profile, metrics)
     return metrics
-
-
-def layer_sensitivity(model, iface, profile, ref: Reference, calibration, all_int8_val: float) -> dict[str, float]:
-    """Per layer: how much of the recipe's metric on val comes back when this layer alone stays in float
-    (leave-one-out). That is the error this layer adds to the int8 model, and exactly what the fallback can
-    buy back."""
-    import tempfile
-
-    backend = get_backend(profile.backend)
-    layers = _quant_layers(model)
-    example = example_inputs(ref.ev.data)
-    sign = 1 if ref.ev.metric.higher_is_better else -1
-    out: dict[str, float] = {}
-    with progress.task(f"{profile.name}: layer sensitivity", total=len(layers)) as t:
-        for name in layers:
-            with tempfile.TemporaryDirectory() as tmp:
-                path = backend.export(model, example, calibration, profile, Path(tmp), iface, float_layers=(name,),
-                                      fixtures=False)
-                val = ref.ev.score_outputs(run_artifact(path, ref.ev.data.val), "val")
-                out[name] = sign * (val - all_int8_val)
-            t.advance()
-    return out
 
 
 def budget_failures(profile: Profile, m: dict) -> list[str]:
