@@ -34,12 +34,12 @@ def tensors(arrays) -> list[torch.Tensor]:
 
 
 def fit(model: nn.Module, train: Split, epochs: int, lr: float, batch_size: int = 64, seed: int = 0,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        batch_loss: Callable[[list[torch.Tensor], torch.Tensor | None], torch.Tensor] | None = None,
         description: str = "training") -> nn.Module:
-    """Plain supervised training (cross-entropy on the model's output and the labels) with AdamW and a cosine
-    schedule; deterministic for a given seed. Streams the split batch by batch."""
+    """Training with AdamW and a cosine schedule, deterministic for a given seed, streaming the split batch by
+    batch. ``batch_loss(inputs, labels)`` defaults to cross-entropy on the model's output and the labels."""
     seed_everything(seed)
-    loss_fn = loss_fn or nn.functional.cross_entropy
+    batch_loss = batch_loss or (lambda xs, y: nn.functional.cross_entropy(model(*xs), y))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = math.ceil(len(train) / batch_size)
     sched = warmup_cosine(opt, steps_per_epoch, epochs * steps_per_epoch)
@@ -48,7 +48,7 @@ def fit(model: nn.Module, train: Split, epochs: int, lr: float, batch_size: int 
         for epoch in range(epochs):
             for inputs, y in train.batches(batch_size, seed=seed + epoch):
                 opt.zero_grad()
-                loss_fn(model(*tensors(inputs)), torch.from_numpy(y)).backward()
+                batch_loss(tensors(inputs), None if y is None else torch.from_numpy(y)).backward()
                 opt.step()
                 sched.step()
             t.advance()

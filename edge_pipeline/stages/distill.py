@@ -25,7 +25,7 @@ from edge_pipeline.modelio import load_model, save_model
 from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import DistillConfig, Recipe
 from edge_pipeline.sources import Splits, build_model, is_zoo
-from edge_pipeline.training import seed_everything, tensors, warmup_cosine
+from edge_pipeline.training import fit, seed_everything, tensors, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -82,26 +82,16 @@ def loss_for(cfg: DistillConfig | None, ev: Evaluator, alpha: float | None = Non
 
 
 def fit_to_teacher(student: nn.Module, teacher: nn.Module, split, loss, epochs: int, lr: float, seed: int = 0,
-                   description: str = "training", batch_size: int = 64) -> nn.Module:
+                   description: str = "training") -> nn.Module:
     """A short plain fine-tune against the teacher (used after pruning); streams the split."""
-    seed_everything(seed)
     flat_s, flat_t = FlatModel(student), FlatModel(teacher).eval()
-    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=1e-4)
-    steps = math.ceil(len(split) / batch_size)
-    sched = warmup_cosine(opt, steps, epochs * steps)
-    student.train()
-    with progress.task(description, total=epochs) as task:
-        for epoch in range(epochs):
-            for inputs, y in split.batches(batch_size, seed=seed + epoch):
-                xs = tensors(inputs)
-                with torch.no_grad():
-                    t_out = flat_t(*xs)
-                opt.zero_grad()
-                loss(flat_s(*xs), t_out, None if y is None else torch.from_numpy(y)).backward()
-                opt.step()
-                sched.step()
-            task.advance()
-    return student.eval()
+
+    def batch_loss(xs, y):
+        with torch.no_grad():
+            t_out = flat_t(*xs)
+        return loss(flat_s(*xs), t_out, y)
+
+    return fit(student, split, epochs, lr, seed=seed, batch_loss=batch_loss, description=description)
 
 
 class _Hints(nn.Module):
