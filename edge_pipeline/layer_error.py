@@ -12,7 +12,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from edge_pipeline.interface import FlatModel, unwrap
 
@@ -34,10 +33,14 @@ def _fake_quant_input(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
 
 
 def _int8_forward(m: nn.Module, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    xq, wq = _fake_quant_input(x, lo, hi), _fake_quant_weight(m.weight)
-    if isinstance(m, nn.Linear):
-        return F.linear(xq, wq, m.bias)
-    return m._conv_forward(xq, wq, m.bias)
+    """The layer's own forward (a subclass may pad first, as "same"-padding convs do) on the quantized input,
+    with its weights swapped for their int8 copy; ``forward`` rather than a call, so no hook runs again."""
+    w = m.weight.data
+    m.weight.data = _fake_quant_weight(w)
+    try:
+        return m.forward(_fake_quant_input(x, lo, hi))
+    finally:
+        m.weight.data = w
 
 
 @torch.no_grad()

@@ -43,7 +43,7 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
                                                      is_dynamic=False)
             q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
         pt2e.keep_float(q, float_layers)
-        gm = pt2e.quantize(model, calibration, q, fold_quantize=False)
+        gm = pt2e.quantize(model, calibration, q if default_flow else pt2e.FusedActivations(q), fold_quantize=False)
         edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))
     else:
         edge = litert_torch.convert(model, example)
