@@ -79,3 +79,16 @@ def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tu
     flat.model.train(was_training)
     return {n: float("inf") if noise[n] == 0 else float(10 * np.log10(signal[n] / noise[n] + 1e-30))
             for n in layers if signal[n] > 0}
+
+
+def int8_weights_only(model: nn.Module) -> nn.Module:
+    """A copy with every Conv/Linear weight per-channel int8 and activations left in float: the ceiling that
+    int8 weights alone allow (per-channel scales are unchanged by BatchNorm folding, so it need not be folded)."""
+    import copy
+
+    q = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in q.modules():
+            if isinstance(m, LAYERS):
+                m.weight.copy_(_fake_quant_weight(m.weight))
+    return q

@@ -72,6 +72,7 @@ class Reference:
         self.val, self.test = predict(model, ev.data.val), predict(model, ev.data.test)
         self.val_metric = ev.score_outputs(self.val, "val")
         self.test_metric = ev.score_outputs(self.test, "test")
+        self.model = model
 
     def layer_errors(self, model: nn.Module, calibration: tuple[np.ndarray, ...]) -> dict[str, float]:
         """Per-layer int8 error (SQNR dB), computed once per lower stage and shared by its targets."""
@@ -83,7 +84,13 @@ class Reference:
         return self._errors
 
     def float_metrics(self) -> dict:
-        return {"metric": self.ev.metric.name, "val_metric": self.val_metric, "test_metric": self.test_metric}
+        """The float model's metric, and what int8 weights alone (activations float) reach: the honest ceiling
+        each int8 target is compared with."""
+        from edge_pipeline.layer_error import int8_weights_only
+
+        weights_only = predict(int8_weights_only(self.model), self.ev.data.test)
+        return {"metric": self.ev.metric.name, "val_metric": self.val_metric, "test_metric": self.test_metric,
+                "int8_weights_only_test_metric": self.ev.score_outputs(weights_only, "test")}
 
 
 def evaluate(path: Path, ref: Reference, profile: Profile) -> dict:
