@@ -116,7 +116,37 @@ def test_ort_float_fallback_matches_module_paths_exactly(tmp_path):
     assert all("model.features.1" in module_paths(by_path[n]) for n in names)
     quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"))
     kept = nodes_kept_float(tmp_path / "f.onnx", tmp_path / "pre.onnx", ["features.1"])
-    assert kept and set(kept) <= set(names)
+    pre = {n.name: n for n in onnx.load(str(tmp_path / "pre.onnx")).graph.node}
+    assert kept and all("model.features.1.weight" in pre[n].input for n in kept if pre[n].op_type == "Gemm")
+
+
+class ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x))))).mean((2, 3))
+
+
+def test_ort_float_fallback_finds_convs_that_batchnorm_folding_renamed(tmp_path):
+    """quant_pre_process folds each BatchNorm into its conv under a new node name: the conv is still found, by
+    the weight it reads, and only that conv."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from edge_pipeline.backends.onnxruntime import _float_onnx, nodes_kept_float
+    from edge_pipeline.interface import discover
+
+    model = FlatModel(ConvBN().eval())
+    iface = discover(model, (np.zeros((2, 3, 8, 8), np.float32),))
+    _float_onnx(model, (torch.zeros(1, 3, 8, 8),), tmp_path / "f.onnx", iface)
+    quant_pre_process(str(tmp_path / "f.onnx"), str(tmp_path / "pre.onnx"))
+    convs = {n.name: n for n in onnx.load(str(tmp_path / "pre.onnx")).graph.node if n.op_type == "Conv"}
+    kept = nodes_kept_float(tmp_path / "f.onnx", tmp_path / "pre.onnx", ["c2"])
+    assert len(convs) == 2 and [n for n in kept if n in convs] and all(
+        "model.c2.weight" in convs[n].input for n in kept if n in convs)
 
 
 def test_one_pass_layer_error_blames_the_layer_with_the_outlier_weight():

@@ -85,14 +85,20 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
 
 
 def nodes_kept_float(float_path: Path, pre_path: Path, layers) -> list[str]:
-    """Nodes quantize_static must leave in float: those of the fallback's layers (matched on the exported
-    graph, whose node metadata quant_pre_process drops; node names survive it), and those whose tensors can
-    carry +-inf (an attention mask filled with -inf): a quantization range over infinity is no range at all."""
+    """Nodes quantize_static must leave in float: those of the fallback's layers, and those whose tensors can
+    carry +-inf (an attention mask filled with -inf: a quantization range over infinity is no range at all).
+
+    A layer's nodes are found exactly by module path: in the pre-processed graph by the name of the weight they
+    read (``model.features.1.weight``; quant_pre_process folds BatchNorm into convs and renames them, and drops
+    the node metadata), and by the exporter's recorded module paths for nodes whose names survived."""
     import onnx
 
     pre = onnx.load(str(pre_path))
-    names = {n.name for n in pre.graph.node}
-    return sorted((set(onnx_nodes_for(float_path, layers)) & names) | set(infinite_nodes(pre)))
+    wanted = {flat_name(layer) for layer in layers}
+    weights = {t.name for t in pre.graph.initializer if t.name.rpartition(".")[0] in wanted}
+    by_weight = {n.name for n in pre.graph.node if weights & set(n.input)}
+    by_scope = set(onnx_nodes_for(float_path, layers)) & {n.name for n in pre.graph.node}
+    return sorted(by_weight | by_scope | set(infinite_nodes(pre)))
 
 
 def infinite_nodes(model) -> list[str]:
