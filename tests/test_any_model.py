@@ -152,3 +152,20 @@ def test_conv1d_and_attention_models_prune_and_still_run():
     assert attn.head_dim * attn.num_heads == attn.embed_dim == attn.out_proj.in_features
     out = predict(res.model, tok.test)
     assert out[0].shape == (len(tok.test), 2) and np.isfinite(out[0]).all()
+
+
+def test_a_streamed_dataset_with_nan_is_refused_naming_the_row():
+    from edge_pipeline.sources.data import split_dataset
+
+    class WithNaN:
+        def __len__(self):
+            return 30
+
+        def __getitem__(self, i):
+            x = np.full(4, np.nan if i == 23 else 1.0, np.float32)
+            return x, i % 2
+
+    data = split_dataset(WithNaN(), "nan-stream")
+    with pytest.raises(PipelineError, match="NaN or Inf at dataset row 23"):
+        for split in (data.train, data.val, data.test):
+            list(split.batches(8))

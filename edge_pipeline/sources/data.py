@@ -142,8 +142,16 @@ class StreamSplit(Split):
         return len(self.indices)
 
     def rows(self, idx) -> tuple[np.ndarray, ...]:
-        items = [split_item(self.dataset[int(self.indices[i])], self.where)[0] for i in np.asarray(idx)]
-        return tuple(np.stack([_as_input(it[k], self.where) for it in items]) for k in range(len(items[0])))
+        """Read on demand and checked as read: a NaN/Inf row stops the stage, naming the dataset's row."""
+        rows = [int(self.indices[i]) for i in np.asarray(idx)]
+        items = [split_item(self.dataset[r], self.where)[0] for r in rows]
+        out = tuple(np.stack([_as_input(it[k], self.where) for it in items]) for k in range(len(items[0])))
+        for k, a in enumerate(out):
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                bad = rows[int(np.argmax(~np.isfinite(a.reshape(len(a), -1)).all(1)))]
+                raise PipelineError(f"input {k} holds NaN or Inf at dataset row {bad}", where=self.where,
+                                    hint="clean or drop those rows before training")
+        return out
 
     def update_hash(self, h) -> None:
         """Length, labels and up to 32 evenly spaced rows: reading a whole stream to hash it costs a pass."""
