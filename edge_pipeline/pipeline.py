@@ -179,8 +179,9 @@ def _record_failure(ctx: Context, recipe_doc: dict, ddp: bool, status: str, err:
     if ddp and not distributed.is_main():
         return
     message = str(err) if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}"
+    known = {"interface": ctx.iface.to_dict()} if "iface" in ctx.__dict__ else {}  # discovered before failing
     ctx.store.write_run_json(recipe_doc, ctx.recipe_path, status,
-                             {"failed_stage": ctx.current_stage, "error": message.strip() or status})
+                             {"failed_stage": ctx.current_stage, "error": message.strip() or status, **known})
 
 
 def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, force, until) -> RunSummary:

@@ -180,3 +180,43 @@ def train_briefly(model: nn.Module, source: str, epochs: int = 8) -> dict:
     from edge_pipeline.training import fit
 
     return fit(model, load_data(source).train, epochs, 3e-3).state_dict()
+
+
+# --- MTCNN's ONet, layer for layer (facenet-pytorch's; that wheel pins torch < 2.3, so the architecture is
+# mirrored here): PReLU, ceil-mode max pooling, a permute + view flatten, and a tuple of three outputs ---------
+
+class ONetLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.prelu1 = nn.Conv2d(3, 32, 3), nn.PReLU(32)
+        self.pool1 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv2, self.prelu2 = nn.Conv2d(32, 64, 3), nn.PReLU(64)
+        self.pool2 = nn.MaxPool2d(3, 2, ceil_mode=True)
+        self.conv3, self.prelu3 = nn.Conv2d(64, 64, 3), nn.PReLU(64)
+        self.pool3 = nn.MaxPool2d(2, 2, ceil_mode=True)
+        self.conv4, self.prelu4 = nn.Conv2d(64, 128, 2), nn.PReLU(128)
+        self.dense5, self.prelu5 = nn.Linear(1152, 256), nn.PReLU(256)
+        self.dense6_1, self.softmax6_1 = nn.Linear(256, 2), nn.Softmax(dim=1)
+        self.dense6_2 = nn.Linear(256, 4)
+        self.dense6_3 = nn.Linear(256, 10)
+
+    def forward(self, x):
+        x = self.pool1(self.prelu1(self.conv1(x)))
+        x = self.pool2(self.prelu2(self.conv2(x)))
+        x = self.pool3(self.prelu3(self.conv3(x)))
+        x = self.prelu4(self.conv4(x))
+        x = x.permute(0, 3, 2, 1).contiguous()
+        x = self.prelu5(self.dense5(x.view(x.shape[0], -1)))
+        return self.dense6_2(x), self.dense6_3(x), self.softmax6_1(self.dense6_1(x))
+
+
+def onet() -> nn.Module:
+    return ONetLike().eval()
+
+
+def face_crops48():
+    """Unlabelled 48x48 RGB crops, ONet's input."""
+    rng = np.random.default_rng(3)
+    x = rng.random((120, 3, 48, 48), dtype=np.float32) * 2 - 1
+    return x, None

@@ -37,6 +37,8 @@ def _kind(name: str, tmp: Path) -> Path:
                        preprocess={"resize": 20, "center_crop": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
     if name == "three-outputs":
         return _recipe(tmp, name, model="tests.realshaped:three_heads", data="tests.realshaped:face_crops")
+    if name == "onet":
+        return _recipe(tmp, name, model="tests.realshaped:onet", data="tests.realshaped:face_crops48")
     if name == "conv1d":
         torch.save(rs.train_briefly(rs.keyword_net(), "tests.realshaped:keywords"), tmp / "kws.pt")
         return _recipe(tmp, name, model="tests.realshaped:keyword_net", data="tests.realshaped:keywords",
@@ -49,6 +51,7 @@ def _kind(name: str, tmp: Path) -> Path:
 EXPECTED_IO = {
     "rgb": (["x"], ["output"], "top1"),
     "three-outputs": (["image"], ["boxes", "landmarks", "prob"], "cosine"),
+    "onet": (["x"], ["0", "1", "2"], "cosine"),  # MTCNN's ONet: PReLU after a Linear, a tuple of three
     "conv1d": (["signal"], ["output"], "top1"),
     "tokens": (["input_ids", "attention_mask"], ["output"], "top1"),
 }

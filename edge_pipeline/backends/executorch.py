@@ -42,7 +42,7 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     model = model.eval()
     if profile.precision == "int8":
         model = pt2e.quantize(model, calibration, _quantizer(profile, float_layers, default_flow))
-    ep = torch.export.export(model, example)
+    ep = _export_for_xnnpack(model, example)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph
     ops = Counter(str(n.target) for n in graph.nodes if n.op == "call_function")
@@ -57,6 +57,36 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
             "portable_ops": portable, "float_layers": list(float_layers), **iface.to_dict(), "quantized_io": None}
     (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
     return path
+
+
+def _export_for_xnnpack(model: nn.Module, example: tuple[torch.Tensor, ...]) -> torch.export.ExportedProgram:
+    """torch.export, with each PReLU whose input is not 4-D rewritten as ``relu(x) + w * (x - relu(x))``: the
+    same function, in ops XNNPACK takes. XNNPACK's channels-last pass asserts on a PReLU after a Linear (as in
+    MTCNN's ONet), in fp32 and int8 alike."""
+    ep = torch.export.export(model, example)
+    gm = ep.module()
+    aten, graph = torch.ops.aten, gm.graph
+    rewritten = 0
+    for n in list(graph.nodes):
+        if n.op != "call_function" or n.target != aten.prelu.default:
+            continue
+        x, w = n.args[0], n.args[1]
+        val = x.meta.get("val")
+        if val is None or val.dim() == 4:
+            continue
+        with graph.inserting_before(n):
+            if val.dim() > 2:  # the weight is per channel (dim 1): broadcast it over the dims after
+                w = graph.call_function(aten.view.default, (w, [-1] + [1] * (val.dim() - 2)))
+            pos = graph.call_function(aten.relu.default, (x,))
+            neg = graph.call_function(aten.sub.Tensor, (x, pos))
+            out = graph.call_function(aten.add.Tensor, (pos, graph.call_function(aten.mul.Tensor, (neg, w))))
+        n.replace_all_uses_with(out)
+        graph.erase_node(n)
+        rewritten += 1
+    if not rewritten:
+        return ep
+    gm.recompile()
+    return torch.export.export(gm, example)
 
 
 def _write_bundled(prog, example: tuple[torch.Tensor, ...], model, out_dir: Path) -> None:
