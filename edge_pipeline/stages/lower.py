@@ -56,7 +56,8 @@ def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...], err: Bas
     if best is not None:
         node, _, op = best
         stack = node.meta.get("nn_module_stack") or {}
-        where = list(stack.values())[-1][0].removeprefix("model.") if stack else node.name
+        path = list(stack.values())[-1][0] if stack else node.name
+        where = "" if path == "model" else path.removeprefix("model.")  # paths inside FlatModel
         return text, f"op {op} in module '{where or '(top level)'}'"
     m = re.search(r"([A-Za-z_]+::[A-Za-z_0-9.]+|aten\.[A-Za-z_0-9.]+)", text)
     return text, f"op {m.group(1)}" if m else None
