@@ -121,11 +121,14 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     tdir = out / profile.name
     metric = ref.ev.metric
 
-    def build(float_layers) -> tuple[Path, dict]:
-        shutil.rmtree(tdir, ignore_errors=True)
-        tdir.mkdir(parents=True)
-        path = backend.export(model, example, calibration, profile, tdir, iface, float_layers=float_layers)
+    def build(float_layers, folder: Path = tdir) -> tuple[Path, dict]:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        path = backend.export(model, example, calibration, profile, folder, iface, float_layers=float_layers)
         return path, evaluate(path, ref, profile)
+
+    def better(a: float, b: float) -> bool:
+        return a > b if metric.higher_is_better else a < b
 
     def missed(m: dict) -> bool:
         drop = metric.drop(m["val_metric"], ref.val_metric)
@@ -146,16 +149,26 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
             # error (one pass, no export each) go back to float one at a time, each confirmed by a rebuild:
             # at most 1 + max_float_layers exports.
             errors = ref.layer_errors(model, calibration)
-            ranked = sorted(errors, key=errors.get)
-            while missed(metrics) and ranked:
-                if len(float_layers) >= profile.quantization.max_float_layers:
-                    metrics["fallback_exhausted"] = True
+            exports = 1
+            for candidate in sorted(errors, key=errors.get)[:profile.quantization.max_float_layers]:
+                if not missed(metrics):
                     break
-                float_layers.append(ranked.pop(0))
-                progress.note(f"{profile.name}: keeping '{float_layers[-1]}' in float ({metric.name} on val "
-                              f"{metrics['val_metric']:.4f} misses the budget)")
-                path, metrics = build(tuple(float_layers))
-            metrics["fallback_exports"] = 1 + len(float_layers)
+                # Confirmed by a rebuild: the layer stays float only if the metric on val improves.
+                trial = out / f".{profile.name}.trial"
+                trial_path, trial_metrics = build(tuple(float_layers) + (candidate,), trial)
+                exports += 1
+                if better(trial_metrics["val_metric"], metrics["val_metric"]):
+                    float_layers.append(candidate)
+                    shutil.rmtree(tdir)
+                    trial.rename(tdir)
+                    path, metrics = tdir / trial_path.name, trial_metrics
+                    progress.note(f"{profile.name}: '{candidate}' kept in float ({metric.name} on val "
+                                  f"{metrics['val_metric']:.4f})")
+                else:
+                    shutil.rmtree(trial)
+            if missed(metrics):
+                metrics["fallback_exhausted"] = True
+            metrics["fallback_exports"] = exports
     if errors:
         metrics["layer_error_db"] = errors
     if float_layers:
@@ -202,6 +215,7 @@ def lower_all(model: nn.Module, profiles: list[Profile], ev: Evaluator, calibrat
                      "failures": [f"lowering failed{' at ' + where if where else ''}"],
                      "traceback": traceback.format_exc()[-2000:]}
                 shutil.rmtree(out / profile.name, ignore_errors=True)
+                shutil.rmtree(out / f".{profile.name}.trial", ignore_errors=True)
             if m["failures"]:
                 failed.append(profile.name)
             targets[profile.name] = {"backend": profile.backend, "precision": profile.precision, **m}
