@@ -39,7 +39,8 @@ def test_image_folder_source(tmp_path):
             Image.fromarray(rng.integers(0, 255, (6, 6), dtype=np.uint8)).save(tmp_path / "imgs" / cls / f"{i}.png")
     s = load_data(str(tmp_path / "imgs"))
     assert s.classes == ["cat", "dog"] and s.input_shape == (1, 6, 6)
-    assert 0 <= s.train.x.min() and s.train.x.max() <= 1
+    x = s.train.rows(np.arange(len(s.train)))[0]
+    assert 0 <= x.min() and x.max() <= 1, "grayscale files stay 1-channel, scaled to [0, 1]"
 
 
 def test_callable_sources(tmp_path, monkeypatch):

@@ -93,14 +93,6 @@ class Split:
             idx = order[i:i + batch_size]
             yield self.rows(idx), None if self.y is None else self.y[idx]
 
-    @property
-    def x(self) -> np.ndarray:
-        """The inputs of a single-input split as one array (all rows)."""
-        inputs = self.rows(np.arange(len(self)))
-        if len(inputs) != 1:
-            raise TypeError("split has several inputs; use rows() or batches()")
-        return inputs[0]
-
     def update_hash(self, h) -> None:
         raise NotImplementedError
 
@@ -118,6 +110,7 @@ class ArraySplit(Split):
 
     @property
     def x(self) -> np.ndarray:
+        """A single-input split's inputs as one array (in-memory splits only: a stream is never gathered)."""
         if len(self.inputs) != 1:
             raise TypeError("split has several inputs; use rows() or batches()")
         return self.inputs[0]
