@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_pipeline import distributed, progress
-from edge_pipeline.errors import PipelineError
+from edge_pipeline.errors import BudgetFailure, PipelineError
 from edge_pipeline.recipe import Recipe, load_recipe
 from edge_pipeline.runstore import RunStore
 
@@ -164,7 +164,7 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
         ctx.preflight()
         return _run_stages(ctx, recipe_doc, ddp, from_stage, only, force, until)
     except PipelineError as e:
-        _record_failure(ctx, recipe_doc, ddp, "failed", e)
+        _record_failure(ctx, recipe_doc, ddp, "failed-targets" if isinstance(e, BudgetFailure) else "failed", e)
         raise
     except KeyboardInterrupt as e:
         _record_failure(ctx, recipe_doc, ddp, "interrupted", e)
