@@ -162,7 +162,9 @@ def check_config(cfg: PruneConfig, data: Splits, where: str) -> None:
         return
     budget = cfg.max_macs is not None or cfg.max_params is not None
     if not budget and cfg.ratio is None:
-        raise PipelineError("prune needs a target: ratio, max_macs or max_params", where=f"{where}: prune")
+        raise PipelineError("prune needs a target: ratio, max_macs or max_params", where=f"{where}: prune",
+                            hint="e.g. prune: {max_macs: 0.5}; or prune: {enabled: false} and distill: "
+                                 "{enabled: false} for post-training int8 alone")
     if budget and cfg.ratio is not None:
         raise PipelineError("give either prune.ratio or a budget (max_macs/max_params), not both",
                             where=f"{where}: prune")
