@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import signal
 import sys
 from importlib import metadata
 
@@ -91,6 +92,10 @@ def handle_errors(fn):
     return wrapper
 
 
+def _terminated(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _version() -> str:
     try:
         return metadata.version("edge-pipeline")
@@ -103,6 +108,8 @@ def _version() -> str:
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug: bool) -> None:
     """From a trained PyTorch model to a tested release bundle for phones and boards."""
+    # SIGTERM (a CI timeout, `kill`) ends a run like Ctrl-C: run.json says interrupted, children are stopped.
+    signal.signal(signal.SIGTERM, _terminated)
     # `package.module:callable` sources in the current folder import as they do under `python -m`.
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
@@ -266,14 +273,17 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
 @click.option("--version", "version", required=True, help="Release version, e.g. 1.2.0.")
 @click.option("--dist", default="dist", show_default=True)
 @click.option("--allow-failing", is_flag=True, help="Package even if targets failed (recorded in the bundle).")
+@click.option("--allow-incomplete", is_flag=True,
+              help="Package even if the device test never finished (recorded in the bundle).")
 @handle_errors
-def package_command(run_dir, version, dist, allow_failing):
+def package_command(run_dir, version, dist, allow_failing, allow_incomplete):
     """Build dist/<name>-<version>/ and its reproducible tar.gz from a finished run."""
     from pathlib import Path
 
     from edge_pipeline.stages.package import package
 
-    bundle, tar_path = _with_progress(lambda: package(Path(run_dir), version, Path(dist), allow_failing))
+    bundle, tar_path = _with_progress(lambda: package(Path(run_dir), version, Path(dist), allow_failing,
+                                                      allow_incomplete=allow_incomplete))
     out.print(f"bundle: {bundle}\narchive: {tar_path}")
 
 

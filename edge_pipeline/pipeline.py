@@ -3,6 +3,7 @@ rest in order, and records everything in ``run.json``. The stages themselves kno
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import tempfile
@@ -156,8 +157,15 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
         raise PipelineError(f"bad run id '{run_id}'", hint="use letters, digits, '-', '_' or '.'")
     store = RunStore(Path(out or recipe.output), recipe.name, run_id, STAGE_NAMES)
     ddp = _join_torchrun(recipe)
-    if not ddp or distributed.is_main():
-        store.clean_partial()
+    main = not ddp or distributed.is_main()
+    with store.lock() if main else contextlib.nullcontext():
+        if main:
+            store.clean_partial()  # safe: no other run holds this folder
+        return _run_locked(recipe, recipe_path, store, ddp, from_stage, only, force, until)
+
+
+def _run_locked(recipe: Recipe, recipe_path, store: RunStore, ddp: bool, from_stage, only, force,
+                until) -> RunSummary:
     ctx = Context(recipe, str(recipe_path), store)
     recipe_doc = recipe.model_dump()
     try:

@@ -175,6 +175,30 @@ def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
         raise _explain(e.errors()[0], source) from None
 
 
+def resolve_paths(doc: dict, base: Path) -> dict:
+    """Every relative path written in a recipe (weights, data, output, calibrate.set, package.dist, target
+    .yaml files) is taken relative to the recipe file's folder, so a project recipe means the same files from
+    whatever folder it is run. Sources such as zoo:NAME or package.module:callable are left as they are."""
+    import os
+
+    def fix(v):
+        if isinstance(v, str) and v and ":" not in v and not Path(v).is_absolute():
+            return os.path.normpath(base / v)
+        return v
+
+    doc = dict(doc)
+    for key in ("weights", "data", "output"):
+        if key in doc:
+            doc[key] = fix(doc[key])
+    for section, key in (("calibrate", "set"), ("package", "dist")):
+        if isinstance(doc.get(section), dict) and key in doc[section]:
+            doc[section] = {**doc[section], key: fix(doc[section][key])}
+    if isinstance(doc.get("targets"), list):
+        doc["targets"] = [fix(t) if isinstance(t, str) and t.endswith((".yaml", ".yml")) else t
+                          for t in doc["targets"]]
+    return doc
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate a recipe file; the model and data sources are checked too (cheaply, no loading)."""
     path = Path(path)
@@ -184,6 +208,8 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise PipelineError(f"not valid YAML: {e}", where=str(path)) from None
+    if isinstance(data, dict):
+        data = resolve_paths(data, path.parent.absolute())
     recipe = parse_recipe(data, str(path))
     check_references(recipe, str(path), base=path.parent)
     return recipe

@@ -134,6 +134,33 @@ class RunStore:
         for later in self.order[self.order.index(stage):]:
             shutil.rmtree(self.stage_dir(later), ignore_errors=True)
 
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """One run at a time per run folder: a second one refuses, naming the holder's PID, instead of
+        deleting the first one's work in progress. The OS drops the lock when its holder dies."""
+        import fcntl
+
+        from edge_pipeline.errors import PipelineError
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        f = open(self.dir / ".lock", "a+")  # noqa: SIM115 - held open for the whole run
+        try:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                raise PipelineError(f"run folder is in use by another edge-pipeline run (PID {holder})",
+                                    where=str(self.dir), hint="wait for it to finish, or pass another --run-id") \
+                    from None
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            f.close()
+
     def clean_partial(self) -> None:
         """Remove temporary folders a killed run left behind."""
         if self.dir.is_dir():

@@ -44,8 +44,19 @@ def file_table(root: Path) -> dict[str, dict]:
     return out
 
 
+def missing_parts(run_dir: Path, recipe: dict, lower_targets: dict, device_results: dict | None) -> list[str]:
+    """What a release of this run would lack: device figures the recipe asked for and never got."""
+    devices = recipe.get("devices") or []
+    if not (recipe.get("device_test") or {}).get("enabled", True) or not devices:
+        return []
+    if device_results is None:
+        return ["the device test never finished: no device figures"]
+    return [f"{t} has no figures from device {d}" for t, tm in lower_targets.items() if "artifact" in tm
+            for d in devices if d not in device_results.get(t, {})]
+
+
 def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = False,
-                 recipe: dict | None = None) -> dict:
+                 recipe: dict | None = None, allow_incomplete: bool = False) -> dict:
     """Write the bundle's content into ``out`` (an empty folder); returns the manifest."""
     from edge_pipeline.devices.runner import load_runner
     from edge_pipeline.sources.data import ArraySplit
@@ -55,16 +66,21 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
         raise PipelineError(f"{run_dir} has no completed lower stage to package", where=str(run_dir),
                             hint="run the recipe with targets first")
     lower_dir, lower_rec = lower
+    run_doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    recipe = recipe or run_doc.get("recipe", {})
+    name = recipe.get("name") or run_dir.parent.name
     dev = find_stage(run_dir, "device-test")
     device_results = dev[1]["metrics"]["results"] if dev else {}
+    incomplete = missing_parts(run_dir, recipe, lower_rec["metrics"]["targets"], device_results if dev else None)
+    if incomplete and not allow_incomplete:
+        raise PipelineError(f"the run is incomplete: {'; '.join(incomplete)}", where=str(run_dir),
+                            hint="run edge-pipeline test on it first, or package anyway with --allow-incomplete "
+                                 "(recorded in the manifest)")
     failed = sorted(set(lower_rec["metrics"]["failed_targets"])
                     | set(dev[1]["metrics"]["failed_targets"] if dev else []))
     if failed and not allow_failing:
         raise BudgetFailure(f"targets failed their budgets or checks: {', '.join(failed)}", where=str(run_dir),
                             hint="fix them, or package anyway with --allow-failing (recorded in the manifest)")
-    run_doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    recipe = recipe or run_doc.get("recipe", {})
-    name = recipe.get("name") or run_dir.parent.name
 
     runner = load_runner()
     golden = ArraySplit(tuple(runner.load_inputs(str(lower_dir / "golden.npz"))), None)
@@ -95,7 +111,7 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
               if (r := find_stage(run_dir, s)) for rec in [r[1]]}
     manifest = {
         "schema": MANIFEST_SCHEMA, "name": name, "version": version, "targets": targets,
-        "failed_targets": failed, "allow_failing": bool(failed) and allow_failing,
+        "failed_targets": failed, "allow_failing": bool(failed) and allow_failing, "incomplete": incomplete,
         "recipe": recipe, "calibration_sha256": cal[1]["metrics"]["sha256"] if cal else None,
         "interface": teacher_metrics.get("interface"), "preprocessing": teacher_metrics.get("preprocessing"),
         "metric": teacher_metrics.get("metric"),
@@ -181,6 +197,8 @@ def model_card(m: dict) -> str:
               "- The model behaves like this on inputs like its data only; it has no notion of 'none of these'."]
     if m["failed_targets"]:
         lines += [f"- **Packaged with failing targets** (--allow-failing): {', '.join(m['failed_targets'])}."]
+    if m.get("incomplete"):
+        lines += [f"- **Packaged incomplete** (--allow-incomplete): {'; '.join(m['incomplete'])}."]
     return "\n".join(lines) + "\n"
 
 
@@ -207,7 +225,7 @@ def write_tar(bundle: Path, dest: Path) -> None:
 
 
 def package(run_dir: Path, version: str, dist: Path, allow_failing: bool = False,
-            recipe: dict | None = None) -> tuple[Path, Path]:
+            recipe: dict | None = None, allow_incomplete: bool = False) -> tuple[Path, Path]:
     """Write ``dist/<name>-<version>/`` and its tar.gz, each complete or absent."""
     import tempfile
 
@@ -215,7 +233,7 @@ def package(run_dir: Path, version: str, dist: Path, allow_failing: bool = False
     with tempfile.TemporaryDirectory(dir=dist, prefix=".bundle-") as tmp:
         staging = Path(tmp) / "b"
         staging.mkdir()
-        manifest = build_bundle(run_dir, version, staging, allow_failing, recipe)
+        manifest = build_bundle(run_dir, version, staging, allow_failing, recipe, allow_incomplete)
         final = dist / f"{manifest['name']}-{version}"
         named = Path(tmp) / final.name
         staging.rename(named)

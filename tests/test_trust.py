@@ -1,0 +1,102 @@
+"""Trustworthy runs: recipe-relative paths, one run per folder, interruption recorded, incomplete runs not
+released."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.pipeline import run
+from edge_pipeline.runstore import RunStore
+from tests.conftest import CLI, ROOT, run_cli
+
+
+def test_relative_paths_in_a_recipe_resolve_against_its_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    np.savez(project / "data" / "set.npz", x=rng.random((60, 1, 8, 8), dtype=np.float32), y=np.arange(60) % 3)
+    (project / "recipe.yaml").write_text(yaml.safe_dump({
+        "name": "rel", "model": "zoo:digits-cnn", "data": "data/set.npz", "prune": {"enabled": False},
+        "distill": {"enabled": False}, "calibrate": {"set": "calibration/rel", "samples": 16},
+        "targets": ["ort-mobile-int8"], "output": "runs"}))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    summary = run(project / "recipe.yaml", until="calibrate")
+    assert (project / "calibration" / "rel.npz").is_file(), "the pinned set is drawn next to the recipe"
+    assert summary.run_dir == project / "runs" / "rel" / "default"
+    assert not list(elsewhere.iterdir()), "nothing is written in the folder the command was run from"
+
+
+def test_a_second_run_on_the_same_folder_refuses_naming_the_first(tmp_path, write_recipe):
+    recipe = write_recipe()
+    store = RunStore(tmp_path / "runs", "tiny", "default", ["teacher"])
+    with store.lock():
+        res = run_cli("run", recipe, timeout=300)
+    assert res.returncode == 2 and f"in use by another edge-pipeline run (PID {os.getpid()})" in res.stderr
+    assert not (store.dir / "run.json").exists(), "the refused run wrote nothing"
+    with store.lock():  # released: the lock can be taken again
+        pass
+
+
+def test_sigterm_is_recorded_as_interrupted(tmp_path, write_recipe):
+    recipe = write_recipe(train={"epochs": 400})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*CLI, "run", str(recipe)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs" / "tiny" / "default"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(run_dir.glob(".00-teacher.tmp-*")):
+        time.sleep(0.2)
+    assert list(run_dir.glob(".00-teacher.tmp-*")), "the teacher stage started"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    doc = json.loads((run_dir / "run.json").read_text())
+    assert doc["status"] == "interrupted" and doc["failed_stage"] == "teacher"
+    assert not list(run_dir.glob(".00-teacher.tmp-*")), "the unfinished stage folder is removed"
+
+
+def test_package_refuses_a_run_whose_device_test_never_finished():
+    from edge_pipeline.stages.package import missing_parts
+
+    targets = {"ort-mobile-int8": {"artifact": "ort-mobile-int8/model.ort"}, "broken": {"error": "x"}}
+    recipe = {"devices": ["local", "ssh://pi@board"], "device_test": {"enabled": True}}
+    assert missing_parts(None, recipe, targets, None) == ["the device test never finished: no device figures"]
+    assert missing_parts(None, recipe, targets, {"ort-mobile-int8": {"local": {}}}) == [
+        "ort-mobile-int8 has no figures from device ssh://pi@board"]
+    assert missing_parts(None, {**recipe, "device_test": {"enabled": False}}, targets, None) == []
+
+
+@pytest.mark.slow
+def test_package_command_refuses_an_incomplete_run_unless_allowed(tmp_path, write_recipe):
+    recipe = write_recipe(targets=["ort-mobile-fp32"], device_test={"enabled": False}, package={"enabled": False},
+                          devices=["local"])
+    assert run(recipe).failed_targets == []
+    doc = yaml.safe_load(recipe.read_text())
+    doc["device_test"] = {"enabled": True}  # the run was made without its device test
+    recipe.write_text(yaml.safe_dump(doc))
+    run_dir = tmp_path / "runs" / "tiny" / "default"
+    run_json = json.loads((run_dir / "run.json").read_text())
+    run_json["recipe"]["device_test"]["enabled"] = True
+    (run_dir / "run.json").write_text(json.dumps(run_json))
+    res = run_cli("package", run_dir, "--version", "1.0.0", "--dist", tmp_path / "dist")
+    assert res.returncode == 2 and "device test never finished" in res.stderr
+    assert not (tmp_path / "dist" / "tiny-1.0.0").exists()
+    res = run_cli("package", run_dir, "--version", "1.0.0", "--dist", tmp_path / "dist", "--allow-incomplete")
+    assert res.returncode == 0, res.stderr[-2000:]
+    manifest = json.loads((tmp_path / "dist" / "tiny-1.0.0" / "manifest.json").read_text())
+    assert manifest["incomplete"] == ["the device test never finished: no device figures"]
+
+
+def test_bad_input_before_a_lock_is_taken_leaves_no_run_folder(tmp_path):
+    with pytest.raises(PipelineError, match="recipe file not found"):
+        run(tmp_path / "nope.yaml")
+    assert not (tmp_path / "runs").exists()
