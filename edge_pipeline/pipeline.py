@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ class StageDef:
     enabled: Callable[[Recipe], bool] = lambda r: True
     # What the stage reads from outside the run folder (data, pinned files), hashed into its cache key.
     external: Callable[[Context], dict] = lambda ctx: {}
+    # What it writes outside the run folder (from its metrics): when any is gone, the stage runs again.
+    outputs: Callable[[dict], list[str]] = lambda metrics: []
 
 
 def _lower_config(r: Recipe) -> dict:
@@ -55,7 +58,8 @@ STAGES: list[StageDef] = [
              lambda r: {"devices": r.devices, **r.device_test.model_dump()},
              lambda r: bool(r.targets) and r.device_test.enabled),
     StageDef("package", "package", ("teacher", "prune", "distill", "calibrate", "lower", "device-test"),
-             lambda r: r.package.model_dump(), lambda r: bool(r.targets) and r.package.enabled),
+             lambda r: r.package.model_dump(), lambda r: bool(r.targets) and r.package.enabled,
+             outputs=lambda m: [m["bundle"], m["tar"]]),
 ]
 STAGE_NAMES = [s.name for s in STAGES]
 
@@ -155,7 +159,9 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
             raise PipelineError(f"unknown stage '{val}' for {opt}", hint=f"stages: {', '.join(STAGE_NAMES)}")
     if not run_id or not all(c.isalnum() or c in "-_." for c in run_id) or run_id.startswith("."):
         raise PipelineError(f"bad run id '{run_id}'", hint="use letters, digits, '-', '_' or '.'")
-    store = RunStore(Path(out or recipe.output), recipe.name, run_id, STAGE_NAMES)
+    root = Path(out or recipe.output)
+    _check_writable(root, "--out" if out else f"{recipe_path}: output")
+    store = RunStore(root, recipe.name, run_id, STAGE_NAMES)
     ddp = _join_torchrun(recipe)
     main = not ddp or distributed.is_main()
     with store.lock() if main else contextlib.nullcontext():
@@ -180,6 +186,15 @@ def _run_locked(recipe: Recipe, recipe_path, store: RunStore, ddp: bool, from_st
     except Exception as e:
         _record_failure(ctx, recipe_doc, ddp, "failed", e)
         raise
+
+
+def _check_writable(root: Path, where: str) -> None:
+    """The run folder's root must be a folder this process can write (or be creatable)."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise PipelineError(f"{existing} is a file, not a folder", where=where, hint="name a folder for the runs")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise PipelineError(f"cannot write in {existing}", where=where, hint="name a folder you can write to")
 
 
 def _record_failure(ctx: Context, recipe_doc: dict, ddp: bool, status: str, err: BaseException) -> None:
@@ -211,7 +226,9 @@ def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, for
         inputs = {d: ctx.keys[d] for d in sd.deps} | sd.external(ctx)
         key = store.cache_key(sd.name, config, inputs)
         ctx.keys[sd.name] = key
-        if only is not None and sd.name != only and not store.is_current(sd.name, key):
+        current = store.is_current(sd.name, key) and all(
+            Path(p).exists() for p in sd.outputs(store.record(sd.name)["metrics"]))
+        if only is not None and sd.name != only and not current:
             raise PipelineError(f"--only {only} needs stage '{sd.name}' up to date, and it is not",
                                 hint="run without --only first")
         # Under torchrun, rank 0 runs every stage but distill alone; the others wait for it, then read.
@@ -219,7 +236,7 @@ def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, for
         if follower:
             distributed.barrier()
         rerun = (only == sd.name) or (forced_from is not None and i >= forced_from and only is None)
-        if follower or (store.is_current(sd.name, key) and not rerun):
+        if follower or (current and not rerun):
             rec = store.record(sd.name)
             if not follower:
                 progress.note(f"stage {sd.name}: reused (unchanged, {store.folder_name(sd.name)})")

@@ -18,12 +18,19 @@ GOLDEN_MIN_COSINE = 0.999
 
 
 def safe_extract(tar_path: Path, dest: Path) -> Path:
-    """Unpack regular files and folders only, each inside ``dest``; returns the bundle's top folder."""
+    """Unpack regular files and folders only, each inside ``dest``; returns the bundle's top folder. A truncated
+    or corrupt archive (EOFError, zlib and tar errors, raised while reading on) is bad input, said plainly."""
+    import zlib
+
     try:
-        tar = tarfile.open(tar_path, "r:gz")
-    except (tarfile.TarError, OSError) as e:
-        raise PipelineError(f"not a readable .tar.gz: {e}", where=str(tar_path)) from None
-    with tar:
+        return _safe_extract(tar_path, dest)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
+        raise PipelineError(f"not a readable .tar.gz (truncated or corrupt?): {type(e).__name__}: {e}",
+                            where=str(tar_path), hint="copy the archive again and compare its sha256") from None
+
+
+def _safe_extract(tar_path: Path, dest: Path) -> Path:
+    with tarfile.open(tar_path, "r:gz") as tar:
         members = tar.getmembers()
         for m in members:
             path = PurePosixPath(m.name)

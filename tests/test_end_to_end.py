@@ -195,3 +195,14 @@ def test_acceptance_suite_fails_a_target_over_its_budget(digits_run, tmp_path):
     res = subprocess.run([os.sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite),
                           "--rootdir", str(suite), "--results", str(bad)], capture_output=True, text=True)
     assert res.returncode == 1 and "1 failed, 5 passed" in res.stdout and "accuracy drop" in res.stdout
+
+
+@pytest.mark.slow
+def test_a_deleted_bundle_is_built_again_not_reported_reused(digits_run):
+    _, doc, recipe = digits_run
+    bundle = Path(doc["stages"]["package"]["metrics"]["bundle"])
+    shutil.rmtree(bundle)
+    res = run_cli("run", recipe, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "stage package: running" in res.stderr and "stage lower: reused" in res.stderr
+    assert (bundle / "manifest.json").is_file()

@@ -100,3 +100,21 @@ def test_bad_input_before_a_lock_is_taken_leaves_no_run_folder(tmp_path):
     with pytest.raises(PipelineError, match="recipe file not found"):
         run(tmp_path / "nope.yaml")
     assert not (tmp_path / "runs").exists()
+
+
+def test_truncated_archive_and_out_naming_a_file_are_clear_errors(tmp_path):
+    import gzip
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        info = tarfile.TarInfo("b/manifest.json")
+        info.size = 5000
+        tar.addfile(info, io.BytesIO(np.random.default_rng(0).bytes(5000)))  # incompressible
+    (tmp_path / "cut.tar.gz").write_bytes(gzip.compress(buf.getvalue())[:2000])
+    res = run_cli("verify", tmp_path / "cut.tar.gz")
+    assert res.returncode == 2 and "not a readable .tar.gz" in res.stderr and "Aborted" not in res.stderr
+    (tmp_path / "afile").write_text("x")
+    res = run_cli("run", ROOT / "recipes" / "digits.yaml", "--out", tmp_path / "afile")
+    assert res.returncode == 2 and "is a file, not a folder" in res.stderr and "--out" in res.stderr
