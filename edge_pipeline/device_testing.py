@@ -47,3 +47,26 @@ def test_run(run_dir: Path, devices: list[str], threads: int | None, runs: int, 
     path = run_dir / "device-results.json"
     path.write_text(json.dumps(res, indent=1))
     return path
+
+
+def acceptance_failures(target: str, device: str, m: dict) -> list[str]:
+    """Why one target on one device fails its release gate (empty when it passes): the acceptance suite in
+    device_tests/ asserts exactly this, and ``edge-pipeline test`` uses it directly where pytest is absent."""
+    if "error" in m:
+        return [f"{target} on {device}: {m['error']}"]
+    missed = load_profile(target).budgets.violations(size_bytes=m["size_bytes"], accuracy_drop=m.get("metric_drop"),
+                                                     p50_ms=m["latency"]["p50_ms"])
+    return [f"{target} on {device}: {x}" for x in missed + [f for f in m.get("failures", []) if f not in missed]]
+
+
+def acceptance(results: dict) -> tuple[int, list[str]]:
+    """(cases passed, one message per failed case) over every target x device in a results document."""
+    failures, passed = [], 0
+    for target, by in results["results"].items():
+        for device, m in by.items():
+            f = acceptance_failures(target, device, m)
+            if f:
+                failures.append("; ".join(f))
+            else:
+                passed += 1
+    return passed, failures

@@ -118,3 +118,14 @@ def test_truncated_archive_and_out_naming_a_file_are_clear_errors(tmp_path):
     (tmp_path / "afile").write_text("x")
     res = run_cli("run", ROOT / "recipes" / "digits.yaml", "--out", tmp_path / "afile")
     assert res.returncode == 2 and "is a file, not a folder" in res.stderr and "--out" in res.stderr
+
+
+def test_acceptance_checks_work_without_pytest():
+    from edge_pipeline.device_testing import acceptance
+
+    ok = {"size_bytes": 1000, "latency": {"p50_ms": 1.0}, "metric_drop": 0.0, "failures": []}
+    results = {"results": {"ort-mobile-int8": {"local": ok, "ssh://pi@b": {**ok, "metric_drop": 0.2}},
+                           "tflite-int8": {"local": {"error": "runner exited with 1"}}}}
+    passed, failures = acceptance(results)
+    assert passed == 1 and len(failures) == 2
+    assert "accuracy drop 0.2000 > max_accuracy_drop 0.01" in failures[0] and "runner exited" in failures[1]
