@@ -50,7 +50,26 @@ def test_sigkill_mid_run_leaves_no_partial_stage_and_resumes(write_recipe, tmp_p
     import torch
 
     done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
-    resumed = run(path)
+    from edge_pipeline import progress
+
+    class Notes:  # records what the pipeline says; training is deterministic, so only this tells a resume
+        said: list = []
+
+        def start(self, description, total):
+            return None
+
+        def advance(self, handle, amount, description):
+            pass
+
+        def stop(self, handle):
+            pass
+
+        def note(self, message):
+            self.said.append(message)
+
+    with progress.use_sink(Notes()):
+        resumed = run(path)
+    assert f"distill: resumed after epoch {done_before_kill}" in Notes.said, Notes.said
     assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages["prune"]["status"] == "reused"
     assert resumed.stages["distill"]["status"] == "ran"
     curves = json.loads((run_dir / "02-distill" / "curves.json").read_text())

@@ -129,3 +129,10 @@ def test_acceptance_checks_work_without_pytest():
     passed, failures = acceptance(results)
     assert passed == 1 and len(failures) == 2
     assert "accuracy drop 0.2000 > max_accuracy_drop 0.01" in failures[0] and "runner exited" in failures[1]
+
+
+def test_the_acceptance_suite_without_results_is_not_green():
+    suite = ROOT / "device_tests"
+    res = subprocess.run([*CLI[:1], "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite), "--rootdir",
+                          str(suite)], capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "needs --results" in res.stdout + res.stderr
