@@ -206,3 +206,17 @@ def test_a_deleted_bundle_is_built_again_not_reported_reused(digits_run):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "stage package: running" in res.stderr and "stage lower: reused" in res.stderr
     assert (bundle / "manifest.json").is_file()
+
+
+@pytest.mark.slow
+def test_the_bundle_names_no_folder_of_the_build_machine(digits_run):
+    """No file of a release (manifest, model card, describe.json, operator config, ONNX metadata, the models)
+    carries the build's temp folders, the checkout or the virtualenv."""
+    import sys
+
+    tmp, doc, _ = digits_run
+    bundle = Path(doc["stages"]["package"]["metrics"]["bundle"])
+    private = [str(tmp), str(ROOT), sys.prefix, ".04-lower.tmp-"]
+    leaks = [(p.relative_to(bundle).as_posix(), s) for p in bundle.rglob("*") if p.is_file()
+             for s in private if s.encode() in p.read_bytes()]
+    assert not leaks, leaks

@@ -73,6 +73,7 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
                         quant_format=QuantFormat.QDQ, **kwargs)
     else:
         shutil.copy(build / "float.onnx", final)
+    _strip_build_paths(final)
     _to_ort(final, out_dir, profile.platform)
     if fixtures:
         _write_test_data(final, example, out_dir, iface)
@@ -142,6 +143,19 @@ def onnx_nodes_for(path: Path, layers) -> list[str]:
     return [n.name for n in onnx.load(str(path)).graph.node if wanted & set(module_paths(n))]
 
 
+def _strip_build_paths(path: Path) -> None:
+    """Shipped ONNX keeps each node's module path (name_scopes) but not the exporter's stack traces, which hold
+    this machine's source and virtualenv paths."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for n in model.graph.node:
+        keep = [p for p in n.metadata_props if p.key == "pkg.torch.onnx.name_scopes"]
+        del n.metadata_props[:]
+        n.metadata_props.extend(keep)
+    onnx.save(model, str(path))
+
+
 def _to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
     """ORT format (Fixed style, layouts for the target platform) plus required_operators.config."""
     res = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path),
@@ -150,7 +164,11 @@ def _to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
     if res.returncode != 0 or not (out_dir / "model.ort").is_file():
         raise PipelineError(f"ORT format conversion failed: {res.stderr.strip()[-600:]}", where=str(onnx_path))
     for cfg in out_dir.glob("*required_operators*.config"):
-        cfg.rename(out_dir / "required_operators.config")
+        # The converter lists the model it read by its full path (a temporary build folder): name it alone.
+        lines = [f"# - {Path(ln[4:]).name}" if ln.startswith("# - ") else ln for ln in cfg.read_text().splitlines()]
+        (out_dir / "required_operators.config").write_text("\n".join(lines) + "\n")
+        if cfg.name != "required_operators.config":
+            cfg.unlink()
 
 
 def _write_test_data(onnx_path: Path, example: tuple[torch.Tensor, ...], out_dir: Path,

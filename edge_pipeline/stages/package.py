@@ -118,6 +118,7 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
         "stages": stages, "toolchain": run_doc.get("toolchain") or toolchain_versions(),
         "git_commit": _git_commit(),
     }
+    manifest = without_build_paths(manifest, Path(run_doc.get("recipe_path") or ".").absolute().parent)
     (out / "MODEL_CARD.md").write_text(model_card(manifest))
     from edge_pipeline.report import write_report
 
@@ -125,6 +126,21 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     manifest["files"] = file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     return manifest
+
+
+def without_build_paths(doc, base: Path):
+    """A release names no folder of the build machine: absolute paths become relative to the recipe's folder
+    when under it, else just their file name."""
+    import os
+
+    if isinstance(doc, dict):
+        return {k: without_build_paths(v, base) for k, v in doc.items()}
+    if isinstance(doc, list):
+        return [without_build_paths(v, base) for v in doc]
+    if isinstance(doc, str) and doc.startswith("/") and "\n" not in doc:
+        rel = os.path.relpath(doc, base)
+        return rel if not rel.startswith("..") else Path(doc).name
+    return doc
 
 
 def _device_brief(m: dict) -> dict:
