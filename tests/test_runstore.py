@@ -52,17 +52,8 @@ def test_sigkill_mid_run_leaves_no_partial_stage_and_resumes(write_recipe, tmp_p
     done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
     from edge_pipeline import progress
 
-    class Notes:  # records what the pipeline says; training is deterministic, so only this tells a resume
+    class Notes(progress._Silent):  # what the pipeline says: training is deterministic, only this tells a resume
         said: list = []
-
-        def start(self, description, total):
-            return None
-
-        def advance(self, handle, amount, description):
-            pass
-
-        def stop(self, handle):
-            pass
 
         def note(self, message):
             self.said.append(message)
