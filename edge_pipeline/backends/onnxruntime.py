@@ -79,7 +79,10 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
         _write_test_data(final, example, out_dir, iface)
         usability = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability",
                                     str(final)], capture_output=True, text=True)
-        (out_dir / "mobile_usability.txt").write_text(usability.stdout + usability.stderr)
+        report = usability.stdout + usability.stderr
+        for folder in {str(out_dir.resolve()), str(out_dir)}:  # the checker names the model by its full path
+            report = report.replace(folder + "/", "")
+        (out_dir / "mobile_usability.txt").write_text(report)
     shutil.rmtree(build)
     (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers), indent=1))
     return out_dir / f"model{SUFFIX}"
