@@ -94,7 +94,6 @@ class Metric:
     name: str
     fn: Callable[[dict, np.ndarray | None, dict], float]
     higher_is_better: bool = True
-    needs_labels: bool = False
     output: str | None = None  # the output top-k scores
 
     def __call__(self, outputs: dict, labels, reference: dict) -> float:
@@ -136,7 +135,7 @@ def resolve_metric(spec: str, output_names: list[str], has_labels: bool, metric_
         if not has_labels:
             raise PipelineError(f"metric {spec} needs labels, and the data has none", where=where,
                                 hint="use cosine, sqnr or max_abs (against the float model), or a callable")
-        return Metric(spec, _topk(int(spec[3]), output), needs_labels=True, output=output)
+        return Metric(spec, _topk(int(spec[3]), output), output=output)
     if spec == "agreement":  # top-1 agreement with the float teacher: the float model's top-1 as the label
         return Metric(spec, lambda outs, _labels, ref: output_agreement(outs[output], ref[output])["top1_agreement"],
                       output=output)

@@ -288,15 +288,23 @@ def split_dataset(dataset, source: str, classes: list[str] | None = None, prepro
     _, label, names = split_item(dataset[0], where)
     y = None
     if label is not None:
-        raw = getattr(dataset, "targets", None)
-        raw = list(raw) if raw is not None and len(raw) == n else [split_item(dataset[i], where)[1] for i in range(n)]
-        y, classes = check_labels(np.asarray(raw), classes, f"{where}: labels")
+        y, classes = check_labels(np.asarray(dataset_labels(dataset, where)), classes, f"{where}: labels")
     _check_sizes(n, y, where)
     parts = split_indices(n, y, seed=seed)
 
     def pick(ids):
         return StreamSplit(dataset, ids, None if y is None else y[ids], where)
     return Splits(*(pick(p) for p in parts), classes, source, names, preprocessing)
+
+
+def dataset_labels(dataset, where: str) -> list:
+    """A Dataset's labels: its ``targets`` where it has them (read without decoding a single input), else
+    each item's label."""
+    n = len(dataset)
+    raw = getattr(dataset, "targets", None)
+    if raw is not None and len(raw) == n:
+        return list(raw)
+    return [split_item(dataset[i], where)[1] for i in range(n)]
 
 
 def presplit(parts: dict, source: str, classes: list[str] | None = None) -> Splits:
@@ -322,7 +330,7 @@ def presplit(parts: dict, source: str, classes: list[str] | None = None) -> Spli
             if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__") or len(ds) == 0:
                 raise PipelineError(f"split '{s}' is neither (x, y) arrays nor a non-empty Dataset", where=where)
             _, label, names = split_item(ds[0], where)
-            y = None if label is None else [split_item(ds[i], where)[1] for i in range(len(ds))]
+            y = None if label is None else dataset_labels(ds, where)
             out[s] = (ds, y)
         all_labels.append(out[s][1])
     has = [lab is not None for lab in all_labels]

@@ -75,13 +75,13 @@ class Reference:
         self.test_metric = ev.score_outputs(self.test, "test")
         self.model = model
 
-    def layer_errors(self, model: nn.Module, calibration: tuple[np.ndarray, ...]) -> dict[str, float]:
+    def layer_errors(self, calibration: tuple[np.ndarray, ...]) -> dict[str, float]:
         """Per-layer int8 error (SQNR dB), computed once per lower stage and shared by its targets."""
         if self._errors is None:
             from edge_pipeline.layer_error import layer_errors
 
             val = self.ev.data.val
-            self._errors = layer_errors(model, calibration, val.rows(np.arange(min(64, len(val)))))
+            self._errors = layer_errors(self.model, calibration, val.rows(np.arange(min(64, len(val)))))
         return self._errors
 
     def float_metrics(self) -> dict:
@@ -148,7 +148,7 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
             # Accuracy-aware fallback, decided on the validation split: the layers with the largest own int8
             # error (one pass, no export each) go back to float one at a time, each confirmed by a rebuild:
             # at most 1 + max_float_layers exports.
-            errors = ref.layer_errors(model, calibration)
+            errors = ref.layer_errors(calibration)
             exports = 1
             for candidate in sorted(errors, key=errors.get)[:profile.quantization.max_float_layers]:
                 if not missed(metrics):
@@ -230,14 +230,11 @@ def load_calibration(path: Path) -> tuple[np.ndarray, ...]:
     return tuple(load_runner().load_inputs(str(path)))
 
 
-def write_golden(path: Path, model: nn.Module, data) -> None:
-    """The first test rows and the float model's outputs on them: what verify re-runs in every runtime."""
+def write_golden(path: Path, data) -> None:
+    """The first test rows: the golden inputs package runs every shipped artifact on, for verify to re-run."""
     from edge_pipeline.devices.runner import load_runner
-    from edge_pipeline.sources.data import ArraySplit
 
-    rows = data.test.rows(np.arange(min(GOLDEN_SAMPLES, len(data.test))))
-    load_runner().save_inputs(path, rows)
-    load_runner().save_outputs(path.with_name("golden_outputs.npz"), predict(model, ArraySplit(rows, None)))
+    load_runner().save_inputs(path, data.test.rows(np.arange(min(GOLDEN_SAMPLES, len(data.test)))))
 
 
 def run(ctx, out: Path) -> dict:
@@ -245,6 +242,6 @@ def run(ctx, out: Path) -> dict:
     calibration = load_calibration(ctx.stage_dir("calibrate") / "calibration.npz")
     profiles = [load_profile(t) for t in ctx.recipe.targets]
     result = lower_all(model, profiles, ctx.evaluator, calibration, out, ctx.recipe.calibrate.sensitivity)
-    write_golden(out / "golden.npz", model, ctx.data)
+    write_golden(out / "golden.npz", ctx.data)
     (out / "targets.json").write_text(json.dumps(result["targets"], indent=1, default=str))
     return result
