@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml --out BENCHMARKS.md
+	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml recipes/efficientnet-lite0.yaml --out BENCHMARKS.md
 
 lint: $(STAMP)
 	$(BIN)/ruff check edge_pipeline tests device_tests

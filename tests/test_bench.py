@@ -35,6 +35,27 @@ def test_accuracy_below_the_default_flow_is_a_miss_even_within_one_point():
     assert t[2]["met"] and not t[3]["met"]
 
 
+def test_post_training_targets_hold_agreement_ceiling_bytes_and_wall_time():
+    by = _backend(ours_size=1050, ours_p50=0.45, ours_acc=0.85)
+    by["pipeline_int8"].update(params=1000, bytes_per_param=1.05, agreement={"top1_agreement": 0.96})
+    met = bench.check_targets(by, ptq_only=True, ceiling=0.86, pipeline_seconds=250)
+    assert [t["met"] for t in met] == [True, True, False, True, True, True]  # 0.85 < the default flow's 0.99
+    by["default_int8_teacher"]["test_metric"] = 0.80
+    assert all(t["met"] for t in bench.check_targets(by, ptq_only=True, ceiling=0.86, pipeline_seconds=250))
+    by["pipeline_int8"].update(bytes_per_param=1.14, agreement={"top1_agreement": 0.94})
+    by["pipeline_int8"]["ratio_to_fp32"]["p50_1_thread"] = 0.73
+    missed = bench.check_targets(by, ptq_only=True, ceiling=0.88, pipeline_seconds=301)
+    assert [t["met"] for t in missed] == [False, False, True, False, False, False]
+    # A model without a class output has no top-1 agreement: the target cannot be met, and says n/a.
+    by["pipeline_int8"]["agreement"] = {"top1_agreement": None}
+    assert not bench.check_targets(by, ptq_only=True, ceiling=0.86)[0]["met"]
+
+
+def test_timed_runs_shrink_for_big_models():
+    assert bench.timed_runs(7_000_000) == bench.RUNS
+    assert bench.MIN_RUNS <= bench.timed_runs(400_000_000) < bench.RUNS
+
+
 def test_ort_platform_and_the_note_for_a_file_built_for_another_one():
     from edge_pipeline.targets import load_profile, ort_platform, platform_notes
 

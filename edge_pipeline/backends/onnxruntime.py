@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +72,10 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     else:
         shutil.copy(build / "float.onnx", final)
     _strip_build_paths(final)
-    _to_ort(final, out_dir, profile.platform)
+    to_ort(final, out_dir, profile.platform)
     if fixtures:
         _write_test_data(final, example, out_dir, iface)
-        usability = subprocess.run([sys.executable, "-m", "onnxruntime.tools.check_onnx_model_mobile_usability",
-                                    str(final)], capture_output=True, text=True)
-        report = usability.stdout + usability.stderr
-        for folder in {str(out_dir.resolve()), str(out_dir)}:  # the checker names the model by its full path
-            report = report.replace(folder + "/", "")
-        (out_dir / "mobile_usability.txt").write_text(report)
+        (out_dir / "mobile_usability.txt").write_text(_mobile_usability(final))
     shutil.rmtree(build)
     (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers), indent=1))
     return out_dir / f"model{SUFFIX}"
@@ -159,19 +152,56 @@ def _strip_build_paths(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
-    """ORT format (Fixed style, layouts for the target platform) plus required_operators.config."""
-    res = subprocess.run([sys.executable, "-m", "onnxruntime.tools.convert_onnx_models_to_ort", str(onnx_path),
-                          "--output_dir", str(out_dir), "--optimization_style", "Fixed",
-                          "--target_platform", platform], capture_output=True, text=True)
-    if res.returncode != 0 or not (out_dir / "model.ort").is_file():
-        raise PipelineError(f"ORT format conversion failed: {res.stderr.strip()[-600:]}", where=str(onnx_path))
+def to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
+    """ORT format (Fixed style, layouts for the target platform) plus required_operators.config, converted in
+    this process (a subprocess per build cost ~3 s of interpreter start-up)."""
+    import contextlib
+    import io
+    import logging
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    said = io.StringIO()
+    ort_log = logging.getLogger("ort_format_model.utils")  # "Created config in <full path>" at INFO
+    level = ort_log.level
+    ort_log.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(said):
+            convert_onnx_models_to_ort(Path(onnx_path), Path(out_dir), [OptimizationStyle.Fixed],
+                                       target_platform=platform)
+    except Exception as e:  # noqa: BLE001 - the converter raises whatever the session raised
+        raise PipelineError(f"ORT format conversion failed: {e}", where=str(onnx_path)) from e
+    finally:
+        ort_log.setLevel(level)
+    if not (out_dir / "model.ort").is_file():
+        raise PipelineError(f"ORT format conversion failed: {said.getvalue().strip()[-600:]}", where=str(onnx_path))
     for cfg in out_dir.glob("*required_operators*.config"):
         # The converter lists the model it read by its full path (a temporary build folder): name it alone.
         lines = [f"# - {Path(ln[4:]).name}" if ln.startswith("# - ") else ln for ln in cfg.read_text().splitlines()]
         (out_dir / "required_operators.config").write_text("\n".join(lines) + "\n")
         if cfg.name != "required_operators.config":
             cfg.unlink()
+
+
+def _mobile_usability(onnx_path: Path) -> str:
+    """ORT's mobile usability report (NNAPI / CoreML partitions), as its command-line checker words it, with
+    the model named alone rather than by this machine's full path."""
+    import io
+    import logging
+
+    from onnxruntime.tools.mobile_helpers import usability_checker
+
+    text = io.StringIO()
+    handler = logging.StreamHandler(text)
+    handler.setFormatter(logging.Formatter("%(levelname)s:  %(message)s"))
+    log = logging.getLogger("edge_pipeline.ort_usability")
+    log.propagate, log.handlers = False, [handler]
+    log.setLevel(logging.INFO)
+    usability_checker.analyze_model(Path(onnx_path), skip_optimize=False, logger=log)
+    report = text.getvalue()
+    for folder in {str(Path(onnx_path).parent.resolve()), str(Path(onnx_path).parent)}:
+        report = report.replace(folder + "/", "")
+    return report
 
 
 def _write_test_data(onnx_path: Path, example: tuple[torch.Tensor, ...], out_dir: Path,
