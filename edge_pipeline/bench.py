@@ -110,7 +110,8 @@ def check_targets(by: dict, ptq_only: bool = False, ceiling: float | None = None
     ratio = ours["ratio_to_fp32"]
     p50_floor = floor["threads_1"]["p50_ms"] / teacher["threads_1"]["p50_ms"]
     eps = 1e-9
-    common = [_target("test metric (3) >= (2)", ours["test_metric"], ours["test_metric"] >= default["test_metric"] - eps)]
+    common = [_target("test metric (3) >= (2)", ours["test_metric"],
+                      ours["test_metric"] >= default["test_metric"] - eps)]
     if not ptq_only:
         floor_bytes = ours["params"] + floor["format_overhead_bytes"]
         return [
@@ -293,7 +294,8 @@ def to_markdown(doc: dict) -> str:
         for backend, by in r["backends"].items():
             for t in by["pipeline_int8"]["targets"]:
                 note = f" (format floor alone: {t['floor']:.3f})" if "floor" in t else ""
-                lines.append(f"| {backend} | {t['target']} | {_fmt(t['value'])}{note} | {'yes' if t['met'] else 'NO'} |")
+                met = "yes" if t["met"] else "NO"
+                lines.append(f"| {backend} | {t['target']} | {_fmt(t['value'])}{note} | {met} |")
         secs = ", ".join(f"{s} {v:.1f} s" for s, v in r["stage_seconds"].items() if v is not None)
         lines += ["", f"Pipeline wall time per stage (this run or the run it reused): {secs}.", ""]
     return "\n".join(lines) + "\n"

@@ -15,7 +15,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from edge_pipeline.errors import PipelineError
+from edge_pipeline.errors import (
+    EXIT_BUDGET,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_UNREACHABLE,
+    PipelineError,
+)
 
 # Outside a terminal (CI logs, pipes) rich would wrap tables at 80 columns; use COLUMNS or a wide default.
 _WIDTH = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 200))
@@ -34,7 +40,6 @@ SUMMARY_KEYS = {
 
 
 # 0 ok, 1 a target missed its budget or checks, 2 bad input, 3 an internal or runtime failure, 130 Ctrl-C.
-EXIT_INTERNAL, EXIT_INTERRUPTED = 3, 130
 
 
 class RichSink:
@@ -262,20 +267,29 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
     import importlib.util
     import subprocess
 
-    suite = Path(__file__).resolve().parents[1] / "device_tests"
+    from edge_pipeline.resources import shipped
+
+    suite = shipped("device_tests")
     console.print(f"results: {results_path}")
+    unreachable = results.get("unreachable_devices", {})
+    for device, why in unreachable.items():
+        console.print(f"[bold red]unreachable:[/bold red] {device}: {why.splitlines()[0]}", highlight=False)
+    reached = any(not m.get("unreachable") for by in results["results"].values() for m in by.values())
+    if not reached:
+        sys.exit(EXIT_UNREACHABLE)
     if importlib.util.find_spec("pytest") and (suite / "test_acceptance.py").is_file():
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite),
                               "--rootdir", str(suite), "--results", str(results_path)])
-        sys.exit(0 if res.returncode == 0 else 1)
-    # No pytest here (or no device_tests/ beside an installed package): the same checks, in process.
-    from edge_pipeline.device_testing import acceptance
+        failed = res.returncode != 0
+    else:  # no pytest here: the same checks, in process
+        from edge_pipeline.device_testing import acceptance
 
-    passed, failures = acceptance(results)
-    for f in failures:
-        out.print(f"FAILED {f}")
-    out.print(f"{passed} passed, {len(failures)} failed")
-    sys.exit(1 if failures else 0)
+        passed, failures = acceptance(results)
+        for f in failures:
+            out.print(f"FAILED {f}")
+        out.print(f"{passed} passed, {len(failures)} failed")
+        failed = bool(failures)
+    sys.exit(EXIT_BUDGET if failed else EXIT_UNREACHABLE if unreachable else 0)
 
 
 @main.command("package")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# Exit codes, one meaning each (the README's table lists them).
+EXIT_OK, EXIT_BUDGET, EXIT_BAD_INPUT, EXIT_INTERNAL, EXIT_UNREACHABLE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
 
 class PipelineError(Exception):
     """Bad input or a failed step, phrased for the person running the tool.
@@ -31,4 +34,12 @@ class BudgetFailure(PipelineError):
 
     def __init__(self, message: str, **kw):
         kw.setdefault("exit_code", 1)
+        super().__init__(message, **kw)
+
+
+class DevicesUnreachable(PipelineError):
+    """A device could not be reached, so nothing was measured there (exit code 4): not a budget miss."""
+
+    def __init__(self, message: str, **kw):
+        kw.setdefault("exit_code", EXIT_UNREACHABLE)
         super().__init__(message, **kw)

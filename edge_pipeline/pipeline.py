@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_pipeline import distributed, progress
-from edge_pipeline.errors import BudgetFailure, PipelineError
+from edge_pipeline.errors import EXIT_UNREACHABLE, BudgetFailure, DevicesUnreachable, PipelineError
 from edge_pipeline.recipe import Recipe, load_recipe
 from edge_pipeline.runstore import RunStore
 
@@ -143,10 +143,12 @@ class RunSummary:
     stages: dict[str, dict]  # name -> {"status": ran|reused|disabled, "seconds", "metrics"}
     run_json: dict
     failed_targets: list[str]
+    unreachable_devices: dict[str, str] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.failed_targets else 0
+        """1 a target missed its budget; else 4 a device could not be reached (nothing measured there); else 0."""
+        return 1 if self.failed_targets else EXIT_UNREACHABLE if self.unreachable_devices else 0
 
 
 def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "default",
@@ -178,7 +180,9 @@ def _run_locked(recipe: Recipe, recipe_path, store: RunStore, ddp: bool, from_st
         ctx.preflight()
         return _run_stages(ctx, recipe_doc, ddp, from_stage, only, force, until)
     except PipelineError as e:
-        _record_failure(ctx, recipe_doc, ddp, "failed-targets" if isinstance(e, BudgetFailure) else "failed", e)
+        status = ("failed-targets" if isinstance(e, BudgetFailure) else
+                  "devices-unreachable" if isinstance(e, DevicesUnreachable) else "failed")
+        _record_failure(ctx, recipe_doc, ddp, status, e)
         raise
     except KeyboardInterrupt as e:
         _record_failure(ctx, recipe_doc, ddp, "interrupted", e)
@@ -203,6 +207,9 @@ def _record_failure(ctx: Context, recipe_doc: dict, ddp: bool, status: str, err:
         return
     message = str(err) if isinstance(err, PipelineError) else f"{type(err).__name__}: {err}"
     known = {"interface": ctx.iface.to_dict()} if "iface" in ctx.__dict__ else {}  # discovered before failing
+    unreachable = ctx.metrics.get("device-test", {}).get("unreachable_devices")
+    if unreachable:
+        known["unreachable_devices"] = unreachable
     ctx.store.write_run_json(recipe_doc, ctx.recipe_path, status,
                              {"failed_stage": ctx.current_stage, "error": message.strip() or status, **known})
 
@@ -253,15 +260,18 @@ def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, for
 
     ctx.current_stage = None
     failed = sorted({t for m in ctx.metrics.values() for t in m.get("failed_targets", [])})
+    unreachable = ctx.metrics.get("device-test", {}).get("unreachable_devices", {})
     if ddp and not distributed.is_main():
-        return RunSummary(store.dir, summary, {}, failed)
+        return RunSummary(store.dir, summary, {}, failed, unreachable)
     if ctx.keys.get("lower", "disabled") != "disabled" and store.record("lower"):
         from edge_pipeline.report import write_report
 
         write_report(store.dir, store.dir / "report.html")
-    doc = store.write_run_json(recipe_doc, ctx.recipe_path, "failed-targets" if failed else "ok",
-                               {"failed_targets": failed, "interface": ctx.iface.to_dict(), "metric": ctx.metric.name})
-    return RunSummary(store.dir, summary, doc, failed)
+    status = "failed-targets" if failed else "devices-unreachable" if unreachable else "ok"
+    doc = store.write_run_json(recipe_doc, ctx.recipe_path, status,
+                               {"failed_targets": failed, "unreachable_devices": unreachable,
+                                "interface": ctx.iface.to_dict(), "metric": ctx.metric.name})
+    return RunSummary(store.dir, summary, doc, failed, unreachable)
 
 
 def _dependencies(stage: str) -> set[str]:

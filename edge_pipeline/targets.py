@@ -13,8 +13,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.resources import shipped
 
-BUILTIN_DIR = Path(__file__).resolve().parent.parent / "targets"
+BUILTIN_DIR = shipped("targets")
 
 
 class _Strict(BaseModel):

@@ -1,13 +1,5 @@
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import yaml
-
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "edge_pipeline.cli"]
 
 
 @pytest.fixture(scope="session")
@@ -32,17 +24,3 @@ def write_recipe(tmp_path):
         return path
 
     return write
-
-
-def evaluator_for(model, data, metric: str = "auto"):
-    """The Evaluator a pipeline run builds: the model interface, the recipe's metric, the model as reference."""
-    from edge_pipeline.evaluation import Evaluator, resolve_metric
-    from edge_pipeline.interface import discover
-
-    iface = discover(model, data.example, data.input_names)
-    return Evaluator(data, iface, resolve_metric(metric, iface.output_names, data.train.y is not None), model)
-
-
-def run_cli(*args, timeout=600, cwd=ROOT):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)

@@ -1,4 +1,4 @@
-"""Real-shaped models and data for the end-to-end tests, given to recipes as ``tests.realshaped:NAME``.
+"""Real-shaped models and data for the end-to-end tests, given to recipes as ``realshaped:NAME``.
 
 Small (16-64 px, a few layers) so each runs every stage in seconds, but shaped like what users ship: an RGB
 CNN from an image folder, a detector-like model with three outputs and no labels, a Conv1d keyword spotter

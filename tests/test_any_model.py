@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
+import realshaped as rs
 import torch
+from edge_support import evaluator_for
 from torch import nn
 
 from edge_pipeline.errors import PipelineError
@@ -12,12 +14,10 @@ from edge_pipeline.recipe import PruneConfig
 from edge_pipeline.sources import load_data
 from edge_pipeline.sources.data import StreamSplit, split_arrays
 from edge_pipeline.stages.prune import output_layers, prune
-from tests import realshaped as rs
-from tests.conftest import evaluator_for
 
 
 def test_interface_names_inputs_after_forward_and_flattens_dict_outputs():
-    data = load_data("tests.realshaped:token_splits")
+    data = load_data("realshaped:token_splits")
     iface = discover(rs.tiny_encoder(), data.example, data.input_names)
     assert [(s.name, s.dtype, s.shape) for s in iface.inputs] == [("input_ids", "int64", (rs.SEQ,)),
                                                                     ("attention_mask", "int64", (rs.SEQ,))]
@@ -99,7 +99,7 @@ def test_bad_data_is_refused_naming_what_and_where(x, y, message):
 
 
 def test_a_dataset_callable_is_streamed_and_split_with_its_labels():
-    data = load_data("tests.realshaped:keywords")
+    data = load_data("realshaped:keywords")
     assert isinstance(data.test, StreamSplit) and data.classes == ["kw3", "kw7", "kw12", "kw20"]
     assert data.input_shape == (1, 400) and len(data.train) + len(data.val) + len(data.test) == 240
     batches = list(data.val.batches(16))
@@ -115,7 +115,7 @@ def test_metrics_default_to_cosine_without_labels_and_take_a_user_callable(tmp_p
     (tmp_path / "mymetric.py").write_text("def neg_mse(outputs, labels):\n"
                                           "    return -float(((outputs['boxes'] - 1) ** 2).mean())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    data = load_data("tests.realshaped:face_crops")
+    data = load_data("realshaped:face_crops")
     model = rs.three_heads()
     ev = evaluator_for(model, data, metric="mymetric:neg_mse")
     outputs = predict(model, data.test)
@@ -125,7 +125,7 @@ def test_metrics_default_to_cosine_without_labels_and_take_a_user_callable(tmp_p
 
 
 def test_pruning_protects_every_output_layer_of_a_multi_output_model():
-    data = load_data("tests.realshaped:face_crops")
+    data = load_data("realshaped:face_crops")
     model = rs.three_heads()
     example = tuple(torch.from_numpy(a[:1]) for a in data.example)
     assert set(output_layers(model, example)) == {model.boxes, model.landmarks, model.prob}
@@ -136,12 +136,12 @@ def test_pruning_protects_every_output_layer_of_a_multi_output_model():
 
 
 def test_conv1d_and_attention_models_prune_and_still_run():
-    kws = load_data("tests.realshaped:keywords")
+    kws = load_data("realshaped:keywords")
     net = rs.keyword_net()
     res = prune(net, kws, PruneConfig(ratio=0.5, iterative_steps=1, finetune_epochs=0), evaluator_for(
         rs.keyword_net(), kws))
     assert res.model.features[0].out_channels < 32 and res.model.classifier.out_features == 4
-    tok = load_data("tests.realshaped:token_splits")
+    tok = load_data("realshaped:token_splits")
     enc = rs.tiny_encoder()
     res = prune(enc, tok, PruneConfig(ratio=0.5, iterative_steps=1, finetune_epochs=0), evaluator_for(
         rs.tiny_encoder(), tok))

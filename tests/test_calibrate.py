@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from edge_support import evaluator_for
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.stages.calibrate import draw, load_set, provenance, write_set
-from tests.conftest import evaluator_for
 
 
 def test_draw_is_seeded_stratified_and_from_train_only(digits):

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from edge_support import evaluator_for
 
 from edge_pipeline.devices import parse_device
 from edge_pipeline.devices.adb import parse_benchmark_model, parse_executor_runner, parse_onnxruntime_perf_test
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.sources import build_model
-from tests.conftest import evaluator_for
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -107,7 +107,9 @@ def test_corrupt_artifact_fails_alone_and_unreachable_host_is_an_error(lowered, 
     spec = "ssh://nobody@127.0.0.1:1?key=/nonexistent"
     res = _test(lowered, digits, [spec], timeout=20)
     for r in res["results"].values():
-        assert "connect failed" in r[spec]["error"] and spec in r[spec]["error"]
+        assert "connect failed" in r[spec]["error"] and spec in r[spec]["error"] and r[spec]["unreachable"]
+    # Reported as unreachable, not as targets that missed their budgets.
+    assert res["failed_targets"] == [] and "connect failed" in res["unreachable_devices"][spec]
 
 
 def test_runner_pins_a_one_thread_run_to_one_core(lowered, tmp_path):

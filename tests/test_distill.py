@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
+from edge_support import ROOT, evaluator_for
 from torch import nn
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.recipe import DistillConfig
 from edge_pipeline.sources import build_model
 from edge_pipeline.stages.distill import distill, kd_loss
-from tests.conftest import ROOT, evaluator_for
 
 ARCH = {"source": "zoo:digits-cnn", "num_classes": 10, "in_channels": 1, "width": 0.25}
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from edge_support import ROOT, run_cli
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.stages.package import package
 from edge_pipeline.verify import verify
-from tests.conftest import ROOT, run_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -185,9 +185,21 @@ def test_test_command_measures_and_runs_the_acceptance_suite(digits_run):
 
 
 @pytest.mark.slow
-def test_acceptance_suite_fails_a_target_over_its_budget(digits_run, tmp_path):
+def test_test_command_reports_an_unreachable_device_as_such(digits_run):
     _, doc, _ = digits_run
-    results = json.loads((Path(doc["run_dir"]) / "device-results.json").read_text())
+    spec = "ssh://nobody@127.0.0.1:1?key=/nonexistent"  # nothing listens on port 1
+    res = run_cli("test", doc["run_dir"], "--device", spec, "--timeout", "20", timeout=300)
+    assert res.returncode == 4, res.stdout[-2000:] + res.stderr[-2000:]
+    assert f"unreachable: {spec}" in res.stdout.replace("\n", " ") and "connect failed" in res.stdout
+    assert "passed" not in res.stdout and "FAILED" not in res.stdout  # nothing measured, so no verdict on budgets
+
+
+@pytest.mark.slow
+def test_acceptance_suite_fails_a_target_over_its_budget(digits_run, tmp_path):
+    from edge_pipeline.runstore import find_stage
+
+    _, doc, _ = digits_run  # the run's own device-test results, not another test's output
+    results = json.loads((find_stage(Path(doc["run_dir"]), "device-test")[0] / "results.json").read_text())
     results["results"]["tflite-int8"]["local"]["metric_drop"] = 0.45  # as if the device had got it wrong
     bad = tmp_path / "results.json"
     bad.write_text(json.dumps(results))

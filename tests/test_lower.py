@@ -5,13 +5,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from edge_support import evaluator_for
 from torch import nn
 
 from edge_pipeline.sources import build_model
 from edge_pipeline.stages.lower import lower_all
 from edge_pipeline.targets import load_profile
 from edge_pipeline.training import fit
-from tests.conftest import evaluator_for
 
 INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8"]
 

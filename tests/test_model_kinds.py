@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import realshaped as rs
 import torch
 import yaml
+from edge_support import run_cli
 
 from edge_pipeline.verify import verify
-from tests import realshaped as rs
-from tests.conftest import run_cli
 
 INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8"]
 
@@ -36,15 +36,15 @@ def _kind(name: str, tmp: Path) -> Path:
         return _recipe(tmp, name, model="zoo:resnet-tiny", data=str(tmp / "imgs"),
                        preprocess={"resize": 20, "center_crop": 16, "mean": [0.5] * 3, "std": [0.25] * 3})
     if name == "three-outputs":
-        return _recipe(tmp, name, model="tests.realshaped:three_heads", data="tests.realshaped:face_crops")
+        return _recipe(tmp, name, model="realshaped:three_heads", data="realshaped:face_crops")
     if name == "onet":
-        return _recipe(tmp, name, model="tests.realshaped:onet", data="tests.realshaped:face_crops48")
+        return _recipe(tmp, name, model="realshaped:onet", data="realshaped:face_crops48")
     if name == "conv1d":
-        torch.save(rs.train_briefly(rs.keyword_net(), "tests.realshaped:keywords"), tmp / "kws.pt")
-        return _recipe(tmp, name, model="tests.realshaped:keyword_net", data="tests.realshaped:keywords",
+        torch.save(rs.train_briefly(rs.keyword_net(), "realshaped:keywords"), tmp / "kws.pt")
+        return _recipe(tmp, name, model="realshaped:keyword_net", data="realshaped:keywords",
                        weights=str(tmp / "kws.pt"))
-    torch.save(rs.train_briefly(rs.tiny_encoder(), "tests.realshaped:token_splits", 15), tmp / "tok.pt")
-    return _recipe(tmp, name, model="tests.realshaped:tiny_encoder", data="tests.realshaped:token_splits",
+    torch.save(rs.train_briefly(rs.tiny_encoder(), "realshaped:token_splits", 15), tmp / "tok.pt")
+    return _recipe(tmp, name, model="realshaped:tiny_encoder", data="realshaped:token_splits",
                    weights=str(tmp / "tok.pt"))
 
 
@@ -169,7 +169,7 @@ def test_a_crash_inside_a_stage_is_recorded_in_run_json(tmp_path):
 def test_dict_items_keep_their_names_and_order():
     from edge_pipeline.sources import load_data
 
-    data = load_data("tests.realshaped:token_splits")
+    data = load_data("realshaped:token_splits")
     assert data.input_names == ["input_ids", "attention_mask"]
     ids, mask = data.test.rows(np.arange(3))
     assert ids.dtype == np.int64 and mask.dtype == np.int64 and ((ids == 0) | (mask == 1)).all()

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from edge_support import evaluator_for
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.modelio import load_model, save_model
@@ -9,7 +10,6 @@ from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import PruneConfig
 from edge_pipeline.sources import build_model
 from edge_pipeline.stages.prune import prune
-from tests.conftest import evaluator_for
 
 
 @pytest.mark.parametrize("zoo", ["mobilenetv2-tiny", "resnet-tiny", "digits-cnn"])

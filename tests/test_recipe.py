@@ -2,10 +2,10 @@
 
 import pytest
 import yaml
+from edge_support import run_cli
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.recipe import load_recipe
-from tests.conftest import run_cli
 
 
 def test_default_recipe_is_valid():

@@ -6,8 +6,9 @@ import signal
 import subprocess
 import time
 
+from edge_support import CLI, ROOT
+
 from edge_pipeline.pipeline import run
-from tests.conftest import CLI, ROOT
 
 
 def test_rerun_reuses_and_config_change_reruns_only_downstream(write_recipe, tmp_path):

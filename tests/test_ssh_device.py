@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.test_devices import _test, lowered  # noqa: F401  (fixture)
+from test_devices import _test, lowered  # noqa: F401  (fixture)
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 # Skipped only on a developer machine without sshd; in CI (.ci/run installs it) a missing sshd fails.

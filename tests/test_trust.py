@@ -10,11 +10,11 @@ import time
 import numpy as np
 import pytest
 import yaml
+from edge_support import CLI, ROOT, run_cli
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.pipeline import run
 from edge_pipeline.runstore import RunStore
-from tests.conftest import CLI, ROOT, run_cli
 
 
 def test_relative_paths_in_a_recipe_resolve_against_its_folder(tmp_path, monkeypatch):
@@ -136,3 +136,71 @@ def test_the_acceptance_suite_without_results_is_not_green():
     res = subprocess.run([*CLI[:1], "-m", "pytest", "-q", "-p", "no:cacheprovider", str(suite), "--rootdir",
                           str(suite)], capture_output=True, text=True, timeout=120)
     assert res.returncode != 0 and "needs --results" in res.stdout + res.stderr
+
+
+@pytest.mark.slow
+def test_a_wheel_install_finds_its_targets_and_runner_from_any_folder(tmp_path):
+    import shutil
+    import sys
+
+    src = tmp_path / "src"  # a copy: building writes build/ and *.egg-info beside the sources
+    for part in ("edge_pipeline", "targets", "device_tests"):
+        shutil.copytree(ROOT / part, src / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, src / part)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", str(src), "-w", str(tmp_path / "whl")],
+                   check=True, capture_output=True)
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), *(tmp_path / "whl").glob("*.whl")],
+                   check=True, capture_output=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = ("import edge_pipeline, json; from edge_pipeline.targets import BUILTIN_DIR, load_profile; "
+             "from edge_pipeline.devices.runner import RUNNER_PATH, load_runner; load_runner(); "
+             "print(json.dumps([edge_pipeline.__file__, str(BUILTIN_DIR), str(RUNNER_PATH), "
+             "load_profile('tflite-int8').backend]))")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    package, targets, runner, backend = json.loads(res.stdout.strip().splitlines()[-1])
+    assert all(p.startswith(str(site)) for p in (package, targets, runner)) and backend == "tflite"
+    listed = subprocess.run([sys.executable, "-m", "edge_pipeline.cli", "targets"], cwd=elsewhere, env=env,
+                            capture_output=True, text=True)
+    assert listed.returncode == 0 and "ort-mobile-int8" in listed.stdout, listed.stderr[-2000:]
+
+
+def test_ort_content_digest_ignores_the_converters_layout_but_not_the_model(tmp_path):
+    import torch
+    from torch import nn
+
+    from edge_pipeline.backends.onnxruntime import ort_content_sha256, to_ort
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
+    digests = []
+    for i, scale in enumerate((1.0, 1.0, 1.0, 2.0)):
+        with torch.no_grad():
+            model[3].weight.mul_(scale)
+        folder = tmp_path / f"c{i}"
+        folder.mkdir()
+        exported = torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), dynamo=True, verbose=False)
+        exported.save(str(folder / "model.onnx"))
+        to_ort(folder / "model.onnx", folder, "arm")
+        digests.append(ort_content_sha256(folder / "model.ort"))
+    assert digests[0] == digests[1] == digests[2] != digests[3]
+
+
+@pytest.mark.slow
+def test_a_run_whose_device_cannot_be_reached_says_so_with_its_own_exit_code(write_recipe, tmp_path):
+    spec = "ssh://nobody@127.0.0.1:1?key=/nonexistent"  # nothing listens on port 1
+    recipe = write_recipe(train={"epochs": 1}, targets=["ort-mobile-fp32"], devices=[spec],
+                          device_test={"runs": 3, "warmup": 1, "timeout_s": 20})
+    res = run_cli("run", recipe, timeout=600)
+    assert res.returncode == 4, res.stdout[-3000:] + res.stderr[-3000:]
+    said = " ".join((res.stdout + res.stderr).split())
+    assert "could not be reached" in said and spec in said
+    doc = json.loads(next((tmp_path / "runs").rglob("run.json")).read_text())
+    assert doc["status"] == "devices-unreachable" and doc["failed_stage"] == "package"
+    assert "connect failed" in doc["unreachable_devices"][spec]
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir())  # no bundle

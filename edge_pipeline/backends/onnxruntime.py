@@ -204,6 +204,39 @@ def _mobile_usability(onnx_path: Path) -> str:
     return report
 
 
+# ORT's converter is not deterministic: two conversions of one model.onnx lay out the kernel-type-string
+# resolver (a table of which type each op's kernels take) in a different order, with the same entries. It cannot
+# be pinned from outside ORT; the release notes it and records a digest of the content instead.
+NOT_BYTE_REPRODUCIBLE = ("ORT's converter lays out the .ort file's kernel-type-string resolver in a run-dependent "
+                         "order (same entries); compare ort_content_sha256 from describe.json instead")
+
+
+def ort_content_sha256(path: Path) -> str:
+    """sha256 of an .ort file's content: the model's bytes (graph and weights: reproducible) plus the resolver's
+    entries in sorted order, so two conversions of the same model give the same digest."""
+    import hashlib
+
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs.InferenceSession import InferenceSession
+
+    buf = Path(path).read_bytes()
+    session = InferenceSession.GetRootAsInferenceSession(buf, 0)
+    model, resolver = session.Model(), session.KernelTypeStrResolver()
+    if model is None or resolver is None or resolver._tab.Pos > model._tab.Pos:
+        return hashlib.sha256(buf).hexdigest()  # not the layout this was written for: the plain digest
+    entries = []
+    for i in range(resolver.OpKernelTypeStrArgsLength()):
+        op = resolver.OpKernelTypeStrArgs(i)
+        args = []
+        for j in range(op.KernelTypeStrArgsLength()):
+            a = op.KernelTypeStrArgs(j)
+            args.append([a.KernelTypeStr().decode(), sorted([a.Args(k).ArgType(), a.Args(k).Index()]
+                                                            for k in range(a.ArgsLength()))])
+        entries.append([op.OpId().decode(), sorted(args)])
+    h = hashlib.sha256(buf[model._tab.Pos:])
+    h.update(json.dumps(sorted(entries)).encode())
+    return h.hexdigest()
+
+
 def _write_test_data(onnx_path: Path, example: tuple[torch.Tensor, ...], out_dir: Path,
                      iface: ModelInterface) -> None:
     """test_data_set_0/input_<i>.pb and output_<i>.pb, as onnx_test_runner and onnxruntime_perf_test read them."""
@@ -234,7 +267,8 @@ def _describe(onnx_path: Path, out_dir: Path, float_layers) -> dict:
     return {"backend": "onnxruntime", "format": "ORT (Fixed)", "ops": ops, "inputs": io(m.graph.input),
             "outputs": io(m.graph.output), "float_layers": list(float_layers),
             "required_operators": req.read_text().splitlines() if req.is_file() else None,
-            "quantized_io": None}
+            "quantized_io": None, "ort_content_sha256": ort_content_sha256(out_dir / f"model{SUFFIX}"),
+            "not_byte_reproducible": {f"model{SUFFIX}": NOT_BYTE_REPRODUCIBLE}}
 
 
 def describe(path: Path) -> dict:

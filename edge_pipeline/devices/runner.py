@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 from functools import cache
-from pathlib import Path
 
-RUNNER_PATH = Path(__file__).resolve().parents[2] / "device_tests" / "runner.py"
+from edge_pipeline.resources import shipped
+
+RUNNER_PATH = shipped("device_tests") / "runner.py"
 
 
 @cache

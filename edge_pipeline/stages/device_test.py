@@ -51,10 +51,12 @@ def check_budgets(profile: Profile, m: dict) -> list[str]:
 
 def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], ev: Evaluator,
                  threads: int | None, runs: int, warmup: int, timeout: float) -> dict:
-    """Every target x device; returns {"results": {target: {device: metrics}}, "failed_targets": [...]}.
-    The test split's outputs come back from the device and are scored here with the recipe's metric."""
+    """Every target x device; returns {"results": {target: {device: metrics}}, "failed_targets": [...],
+    "unreachable_devices": {device: why}}. The test split's outputs come back from the device and are scored here
+    with the recipe's metric. A device that cannot be reached fails no target's budget: it is reported as such."""
     results: dict[str, dict] = {}
     failed: set[str] = set()
+    unreachable: dict[str, str] = {}
     float_metric = lower_metrics.get("float", {}).get("test_metric")
     with tempfile.TemporaryDirectory() as tmp:
         inputs = Path(tmp) / "eval_inputs.npz"
@@ -63,7 +65,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
 
             def record(target: str, device_spec: str, m: dict) -> None:
                 results.setdefault(target, {})[device_spec] = m
-                if "error" in m or m.get("failures"):
+                if ("error" in m or m.get("failures")) and not m.get("unreachable"):
                     failed.add(target)
                 task.advance()
 
@@ -71,6 +73,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                 try:
                     device = open_device(parse_device(dev_spec), timeout)
                 except PipelineError as e:
+                    unreachable[dev_spec] = str(e)
                     for p in profiles:
                         record(p.name, dev_spec, {"error": str(e), "unreachable": True})
                     continue
@@ -93,7 +96,8 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                         record(p.name, dev_spec, m)
                 finally:
                     device.close()
-    return {"results": results, "failed_targets": sorted(failed), "metric": ev.metric.name,
+    return {"results": results, "failed_targets": sorted(failed), "unreachable_devices": unreachable,
+            "metric": ev.metric.name,
             "float_test_metric": float_metric}
 
 

@@ -17,7 +17,7 @@ import tarfile
 import time
 from pathlib import Path
 
-from edge_pipeline.errors import BudgetFailure, PipelineError
+from edge_pipeline.errors import BudgetFailure, DevicesUnreachable, PipelineError
 from edge_pipeline.evaluation import run_artifact
 from edge_pipeline.runstore import find_stage, sha256_file, toolchain_versions
 
@@ -52,7 +52,7 @@ def missing_parts(run_dir: Path, recipe: dict, lower_targets: dict, device_resul
     if device_results is None:
         return ["the device test never finished: no device figures"]
     return [f"{t} has no figures from device {d}" for t, tm in lower_targets.items() if "artifact" in tm
-            for d in devices if d not in device_results.get(t, {})]
+            for d in devices if d not in device_results.get(t, {}) or device_results[t][d].get("unreachable")]
 
 
 def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = False,
@@ -72,6 +72,12 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     dev = find_stage(run_dir, "device-test")
     device_results = dev[1]["metrics"]["results"] if dev else {}
     incomplete = missing_parts(run_dir, recipe, lower_rec["metrics"]["targets"], device_results if dev else None)
+    unreachable = dev[1]["metrics"].get("unreachable_devices", {}) if dev else {}
+    if incomplete and unreachable and not allow_incomplete:
+        raise DevicesUnreachable(f"no bundle: device(s) {', '.join(unreachable)} could not be reached, so the run "
+                                 f"has no figures from them ({next(iter(unreachable.values())).splitlines()[0]})",
+                                 where=str(run_dir), hint="check the device and run again (finished stages are "
+                                 "reused), or package anyway with --allow-incomplete (recorded in the manifest)")
     if incomplete and not allow_incomplete:
         raise PipelineError(f"the run is incomplete: {'; '.join(incomplete)}", where=str(run_dir),
                             hint="run edge-pipeline test on it first, or package anyway with --allow-incomplete "
