@@ -20,10 +20,8 @@ from edge_pipeline.verify import verify
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """recipes/digits.yaml as shipped, with its outputs (runs, dist, pinned set) moved into a temp folder."""
-    tmp = tmp_path_factory.mktemp("e2e")
+def build_default_recipe(tmp: Path):
+    """recipes/digits.yaml as shipped, with its outputs (runs, dist, pinned set) moved into ``tmp``."""
     doc = yaml.safe_load((ROOT / "recipes" / "digits.yaml").read_text())
     doc["output"] = str(tmp / "runs")
     doc["calibrate"]["set"] = str(tmp / "calibration" / "digits-256")
@@ -33,6 +31,11 @@ def digits_run(tmp_path_factory):
     res = run_cli("run", recipe, "--json", timeout=1200)
     assert res.returncode == 0, res.stderr[-4000:]
     return tmp, json.loads(res.stdout), recipe
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    return build_default_recipe(tmp_path_factory.mktemp("e2e"))
 
 
 @pytest.mark.slow
@@ -232,3 +235,30 @@ def test_the_bundle_names_no_folder_of_the_build_machine(digits_run):
     leaks = [(p.relative_to(bundle).as_posix(), s) for p in bundle.rglob("*") if p.is_file()
              for s in private if s.encode() in p.read_bytes()]
     assert not leaks, leaks
+
+
+@pytest.mark.slow
+def test_two_builds_from_scratch_in_two_folders_give_the_same_release(digits_run, tmp_path):
+    """Every file of the bundle is byte-identical, except those the manifest lists with a reason: the .ort files
+    (then their content digests agree) and the files holding device measurements (then all else agrees)."""
+    from edge_pipeline.backends.onnxruntime import ort_content_sha256
+
+    bundles = [Path(doc["stages"]["package"]["metrics"]["bundle"])
+               for doc in (digits_run[1], build_default_recipe(tmp_path)[1])]
+    files = [{p.relative_to(b).as_posix(): p.read_bytes() for p in b.rglob("*") if p.is_file()} for b in bundles]
+    assert files[0].keys() == files[1].keys()
+    differ = {f for f in files[0] if files[0][f] != files[1][f]}
+    manifests = [json.loads(f["manifest.json"]) for f in files]
+    excused = manifests[0]["not_byte_reproducible"]
+    assert differ <= set(excused), f"not reproducible and not declared: {sorted(differ - set(excused))}"
+    assert any(f.endswith(".tflite") for f in files[0]) and not any(f.endswith((".pte", ".tflite")) for f in differ)
+    for f in differ:
+        if f.endswith(".ort"):
+            assert ort_content_sha256(bundles[0] / f) == ort_content_sha256(bundles[1] / f), f
+
+    def without_measurements(m: dict) -> dict:
+        m = {**m, "files": {k: v for k, v in m["files"].items() if k not in differ}}
+        m["targets"] = {t: {**v, "devices": None} for t, v in m["targets"].items()}
+        return m
+
+    assert without_measurements(manifests[0]) == without_measurements(manifests[1])

@@ -122,7 +122,7 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
         "interface": teacher_metrics.get("interface"), "preprocessing": teacher_metrics.get("preprocessing"),
         "metric": teacher_metrics.get("metric"),
         "stages": stages, "toolchain": run_doc.get("toolchain") or toolchain_versions(),
-        "git_commit": _git_commit(),
+        "git_commit": _git_commit(), "not_byte_reproducible": not_byte_reproducible(lower_rec["metrics"]["targets"]),
     }
     manifest = without_build_paths(manifest, Path(run_doc.get("recipe_path") or ".").absolute().parent)
     (out / "MODEL_CARD.md").write_text(model_card(manifest))
@@ -132,6 +132,17 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     manifest["files"] = file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     return manifest
+
+
+MEASURED = "holds device figures (latency, memory) measured when the run was tested: they differ run to run"
+
+
+def not_byte_reproducible(lower_targets: dict) -> dict[str, str]:
+    """The bundle's files that two builds of the same recipe cannot make byte-identical, each with the reason;
+    every other file is (tests/test_trust.py builds the default recipe twice and compares)."""
+    out = {f"{t}/{f}": why for t, tm in lower_targets.items() if "artifact" in tm
+           for f, why in (tm.get("describe") or {}).get("not_byte_reproducible", {}).items()}
+    return out | dict.fromkeys(("manifest.json", "MODEL_CARD.md", "report.html"), MEASURED)
 
 
 def without_build_paths(doc, base: Path):
