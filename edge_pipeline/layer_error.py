@@ -1,21 +1,44 @@
-"""Per-layer int8 error in one pass: which layers to keep in float, without an export per layer.
+"""Per-layer int8 error from one calibrated build: which layers to keep in float, without an export per layer.
 
-Each Conv/Linear layer's output is compared with its own int8 copy on the same float input: weights
-per-channel symmetric int8, the input quantized per tensor with the range the representative set gives it.
-That is the error the layer itself adds, and exactly what keeping it in float buys back (a float layer's
-weights and input stay float). Cumulative error would blame every layer after a bad one; this does not. All
-layers are measured in one forward pass over a few validation rows, with hooks.
+The runtimes' own debuggers (torchao's PT2E numeric debugger, ORT's ``qdq_loss_debug``) give, for every op
+of one calibrated build, the SQNR of its output against the float model's: cumulative, each op carrying all
+error made before it. A layer is blamed for the noise it adds: the noise ratio at its output less the one at
+its input (noise ratio = 10^(-SQNR/10); noise from independent sources adds). Ops that are not layers (the
+activation or add after a conv, where the int8 output is rounded) count towards the layer that feeds them.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import torch
 from torch import nn
 
-from edge_pipeline.interface import FlatModel, unwrap
-
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _noise(db: float) -> float:
+    """Noise power over signal power, capped at 1: past 0 dB the output is noise either way, and a layer fed
+    noise is not blamed for amplifying it (else the layer after a broken one would take the blame)."""
+    return 0.0 if db == math.inf else min(10 ** (-db / 10), 1.0)
+
+
+def blame(ops: list[tuple[str, str | None, str | None]], sqnr_db: dict[str, float]) -> dict[str, float]:
+    """Own error in dB (lower: more error) per layer.
+
+    ``ops``: in graph order, (op output name, the layer it belongs to or None, the op output it reads or None
+    for a graph input); ``sqnr_db``: cumulative SQNR per op output. An op that is not a layer is charged to the
+    layer whose output it reads, directly or through other such ops."""
+    owner: dict[str, str | None] = {}
+    at: dict[str, float] = {}  # noise ratio at each op's output (an op not logged passes its input's on)
+    noise: dict[str, float] = {}
+    for name, layer, source in ops:
+        owner[name] = layer or owner.get(source)
+        before = at.get(source, 0.0)
+        at[name] = _noise(sqnr_db[name]) if name in sqnr_db else before
+        if owner[name] is not None and name in sqnr_db:
+            noise[owner[name]] = noise.get(owner[name], 0.0) + max(at[name] - before, 0.0)
+    return {layer: math.inf if n <= 0 else -10 * math.log10(n) for layer, n in noise.items()}
 
 
 def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
@@ -23,62 +46,6 @@ def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     scale = flat.abs().amax(1).clamp(min=1e-12) / 127
     q = torch.clamp(torch.round(flat / scale[:, None]), -127, 127) * scale[:, None]
     return q.reshape(w.shape)
-
-
-def _fake_quant_input(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    lo, hi = min(lo, 0.0), max(hi, 0.0)
-    scale = max(hi - lo, 1e-12) / 255
-    zp = round(-lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
-
-
-def _int8_forward(m: nn.Module, x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """The layer's own forward (a subclass may pad first, as "same"-padding convs do) on the quantized input,
-    with its weights swapped for their int8 copy; ``forward`` rather than a call, so no hook runs again."""
-    w = m.weight.data
-    m.weight.data = _fake_quant_weight(w)
-    try:
-        return m.forward(_fake_quant_input(x, lo, hi))
-    finally:
-        m.weight.data = w
-
-
-@torch.no_grad()
-def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tuple[np.ndarray, ...],
-                 batch: int = 32) -> dict[str, float]:
-    """SQNR in dB of each Conv/Linear layer against its own int8 copy (lower: more error), by layer name."""
-    flat = model if isinstance(model, FlatModel) else FlatModel(model)
-    was_training = flat.model.training
-    flat.eval()
-    layers = {n: m for n, m in unwrap(flat).named_modules() if isinstance(m, LAYERS) and n}
-    ranges = {n: [np.inf, -np.inf] for n in layers}
-    signal = dict.fromkeys(layers, 0.0)
-    noise = dict.fromkeys(layers, 0.0)
-
-    def observe(name):
-        def hook(_m, args, _out):
-            r = ranges[name]
-            r[0], r[1] = min(r[0], float(args[0].min())), max(r[1], float(args[0].max()))
-        return hook
-
-    def compare(name):
-        def hook(m, args, out):
-            q = _int8_forward(m, args[0], *ranges[name])
-            signal[name] += float(out.double().pow(2).sum())
-            noise[name] += float((out.double() - q.double()).pow(2).sum())
-        return hook
-
-    for fn, data in ((observe, calibration), (compare, rows)):
-        hooks = [m.register_forward_hook(fn(n)) for n, m in layers.items()]
-        try:
-            for i in range(0, len(data[0]), batch):
-                flat(*[torch.from_numpy(a[i:i + batch]) for a in data])
-        finally:
-            for h in hooks:
-                h.remove()
-    flat.model.train(was_training)
-    return {n: float("inf") if noise[n] == 0 else float(10 * np.log10(signal[n] / noise[n] + 1e-30))
-            for n in layers if signal[n] > 0}
 
 
 def int8_weights_only(model: nn.Module) -> nn.Module:

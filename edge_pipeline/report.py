@@ -150,7 +150,8 @@ def _quant_sensitivity(targets: dict) -> str | None:
         ax.set_xticks(range(len(layers)), layers, rotation=35, ha="right", fontsize=7)
     ax.set_ylabel("own int8 SQNR (dB);\nlower = more error")
     ax.legend(fontsize=7)
-    return _figure("Per-layer int8 error (each layer against its own int8 copy, one pass)", fig)
+    return _figure("Per-layer int8 error: each layer's own share of one calibrated build's error (torchao's "
+                   "numeric debugger for ExecuTorch, ORT's qdq_loss_debug for ONNX Runtime)", fig)
 
 
 def _coverage_table(targets: dict) -> str:

@@ -151,10 +151,14 @@ def test_ort_float_fallback_finds_convs_that_batchnorm_folding_renamed(tmp_path)
         "model.c2.weight" in convs[n].input for n in kept if n in convs)
 
 
-def test_one_pass_layer_error_blames_the_layer_with_the_outlier_weight():
+@pytest.mark.parametrize("backend", ["executorch", "onnxruntime"])
+def test_one_pass_layer_error_blames_the_layer_with_the_outlier_weight(backend):
     """A huge weight on an input that is always 0 leaves the float model as it was but ruins that layer's int8
-    weight scale (as in the digits fallback test); the layers around it are not blamed."""
-    from edge_pipeline.layer_error import layer_errors
+    weight scale (as in the digits fallback test); the layers around it are not blamed. Measured by each
+    runtime's own debugger (torchao's numeric debugger, ORT's qdq_loss_debug) on one calibrated build."""
+    from edge_pipeline.backends import get_backend
+    from edge_pipeline.interface import discover
+    from edge_pipeline.targets import load_profile
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
@@ -163,6 +167,24 @@ def test_one_pass_layer_error_blames_the_layer_with_the_outlier_weight():
         model[2].weight[:, 0] = 500.0
     rng = np.random.default_rng(0)
     cal, rows = ((rng.standard_normal((64, 16)).astype(np.float32),) for _ in range(2))
-    err = layer_errors(model, cal, rows)
-    assert set(err) == {"0", "2", "4"} and min(err, key=err.get) == "2"
+    flat = FlatModel(model)
+    iface = discover(flat, (cal[0][:2],))
+    profile = load_profile("executorch-xnnpack-int8" if backend == "executorch" else "ort-mobile-int8")
+    err = get_backend(backend).layer_errors(flat, (torch.from_numpy(cal[0][:1]),), cal, rows, profile, iface)
+    assert set(err) == {"0", "2", "4"} and min(err, key=err.get) == "2", err
     assert err["2"] < min(err["0"], err["4"]) - 10
+
+
+def test_blame_charges_each_layer_its_own_noise_and_not_what_it_was_fed():
+    from edge_pipeline.layer_error import blame
+
+    ops = [("conv", "c1", None), ("relu", None, "conv"), ("view", None, "relu"), ("fc", "f2", "view"),
+           ("fc2", "f3", "fc")]
+    # c1 adds 1e-4 (40 dB), its ReLU's rounding 1e-4 more; the unlogged view passes that on; f2 adds 8e-4;
+    # f3 is fed noise past the signal (0 dB) by a broken f2 and is not blamed for it.
+    got = blame(ops, {"conv": 40.0, "relu": 10 * np.log10(1 / 2e-4), "fc": 30.0, "fc2": -3.0})
+    assert got["c1"] == pytest.approx(10 * np.log10(1 / 2e-4)) and got["f2"] == pytest.approx(
+        -10 * np.log10(1e-3 - 2e-4))
+    assert got["f3"] == pytest.approx(-10 * np.log10(1 - 1e-3))
+    broken = blame(ops, {"conv": 40.0, "fc": -5.0, "fc2": -8.0})
+    assert broken["f2"] < 0.1 and broken["f3"] == float("inf")

@@ -33,6 +33,12 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
     return q if default else pt2e.FusedActivations(q)
 
 
+def layer_errors(model: nn.Module, example, calibration: tuple[np.ndarray, ...], rows: tuple[np.ndarray, ...],
+                 profile: Profile, iface: ModelInterface) -> dict[str, float]:
+    """Own int8 error (dB) per layer of one calibrated build with this profile's quantizer (torchao's debugger)."""
+    return pt2e.layer_errors(model.eval(), calibration, rows, _quantizer(profile, ()))
+
+
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
            profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
            fixtures: bool = True) -> Path:

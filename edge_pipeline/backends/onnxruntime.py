@@ -39,38 +39,45 @@ def _float_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
     prog.save(str(path), external_data=False)
 
 
-def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
-           profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
-           fixtures: bool = True) -> Path:
+def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
+              profile: Profile, iface: ModelInterface, build: Path, float_layers=(), default_flow: bool = False) -> Path:
+    """float.onnx -> pre.onnx (quant_pre_process: shapes, BatchNorm folded) -> qdq.onnx in ``build``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    _float_onnx(model, example, build / "float.onnx", iface)
+    quant_pre_process(str(build / "float.onnx"), str(build / "pre.onnx"))
+    q = profile.quantization
+    if default_flow:  # quantize_static's own defaults (QDQ, per-tensor, MinMax, QUInt8 activations)
+        kwargs = {}
+    else:
+        if q.method not in ORT_METHODS:
+            raise PipelineError(f"calibration method '{q.method}' is not available for backend 'onnxruntime'",
+                                where="target profile: quantization.method",
+                                hint=f"onnxruntime supports: {', '.join(ORT_METHODS)}")
+        extra = {"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True}
+        if q.method == "moving_average":
+            extra["CalibMovingAverage"] = True
+        if q.method == "percentile":
+            extra["CalibPercentile"] = q.percentile
+        kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                      calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]), extra_options=extra,
+                      nodes_to_exclude=nodes_kept_float(build / "float.onnx", build / "pre.onnx", float_layers))
+    quantize_static(str(build / "pre.onnx"), str(build / "qdq.onnx"), _reader(calibration, iface.input_names),
+                    quant_format=QuantFormat.QDQ, **kwargs)
+    return build / "qdq.onnx"
+
+
+def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
+           profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
+           fixtures: bool = True) -> Path:
     build = out_dir / "build"
     build.mkdir()
-    _float_onnx(model, example, build / "float.onnx", iface)
     final = out_dir / "model.onnx"
     if profile.precision == "int8":
-        quant_pre_process(str(build / "float.onnx"), str(build / "pre.onnx"))
-        q = profile.quantization
-        if default_flow:  # quantize_static's own defaults (QDQ, per-tensor, MinMax, QUInt8 activations)
-            kwargs = {}
-        else:
-            if q.method not in ORT_METHODS:
-                raise PipelineError(f"calibration method '{q.method}' is not available for backend 'onnxruntime'",
-                                    where="target profile: quantization.method",
-                                    hint=f"onnxruntime supports: {', '.join(ORT_METHODS)}")
-            extra = {"ActivationSymmetric": q.symmetric_activations, "WeightSymmetric": True}
-            if q.method == "moving_average":
-                extra["CalibMovingAverage"] = True
-            if q.method == "percentile":
-                extra["CalibPercentile"] = q.percentile
-            kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                          calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]), extra_options=extra,
-                          nodes_to_exclude=nodes_kept_float(build / "float.onnx", build / "pre.onnx", float_layers))
-        quantize_static(str(build / "pre.onnx"), str(final), _reader(calibration, iface.input_names),
-                        quant_format=QuantFormat.QDQ, **kwargs)
+        shutil.copy(_quantize(model, example, calibration, profile, iface, build, float_layers, default_flow), final)
     else:
-        shutil.copy(build / "float.onnx", final)
+        _float_onnx(model, example, final, iface)
     _strip_build_paths(final)
     to_ort(final, out_dir, profile.platform)
     if fixtures:
@@ -79,6 +86,39 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     shutil.rmtree(build)
     (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers), indent=1))
     return out_dir / f"model{SUFFIX}"
+
+
+def layer_errors(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
+                 rows: tuple[np.ndarray, ...], profile: Profile, iface: ModelInterface) -> dict[str, float]:
+    """Own int8 error (dB) per Conv/Linear (Gemm, MatMul) layer of one calibrated QDQ build, from ORT's
+    ``qdq_loss_debug``: every quantized tensor of the QDQ model against the float model's (cumulative SQNR),
+    turned into each layer's own share by ``layer_error.blame``. Layers are named by the weight they read."""
+    import tempfile
+
+    import onnx
+    from onnxruntime.quantization import qdq_loss_debug as debug
+
+    from edge_pipeline.layer_error import blame
+
+    with tempfile.TemporaryDirectory() as tmp:
+        build = Path(tmp)
+        qdq = _quantize(model, example, calibration, profile, iface, build)
+        acts = {}
+        for name, path in (("float", build / "pre.onnx"), ("qdq", qdq)):
+            debug.modify_model_output_intermediate_tensors(str(path), str(build / f"{name}.aug.onnx"))
+            acts[name] = debug.collect_activations(str(build / f"{name}.aug.onnx"), _reader(rows, iface.input_names))
+        errors = debug.compute_activation_error(debug.create_activation_matching(acts["qdq"], acts["float"]))
+        graph = onnx.load(str(build / "pre.onnx")).graph
+    sqnr = {t: e["xmodel_err"] for t, e in errors.items() if "xmodel_err" in e}
+    weights = {t.name for t in graph.initializer}
+    ops = []
+    for n in graph.node:  # topologically sorted
+        layer = next((i.rpartition(".")[0].removeprefix("model.") for i in n.input
+                      if i in weights and i.endswith(".weight")), None)
+        source = next((i for i in n.input if i and i not in weights), None)
+        for out in n.output:
+            ops.append((out, layer, source))
+    return blame(ops, sqnr)
 
 
 def nodes_kept_float(float_path: Path, pre_path: Path, layers) -> list[str]:

@@ -157,3 +157,54 @@ def fuse_activation_annotations(gm, activations, producers) -> int:
         pa.output_qspec = None
         fused += 1
     return fused
+
+
+LAYER_OPS = ("aten.conv1d", "aten.conv2d", "aten.conv3d", "aten.linear")
+
+
+@torch.no_grad()
+def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tuple[np.ndarray, ...],
+                 quantizer) -> dict[str, float]:
+    """Own int8 error (dB) per Conv/Linear layer of one calibrated PT2E build, from torchao's numeric debugger:
+    the float graph and the quantized one come from the same export (the debugger matches their nodes by that
+    graph's id), each op's output is logged over ``rows`` and compared; ``layer_error.blame`` turns the
+    cumulative SQNR into each layer's own share."""
+    from torchao.quantization.pt2e import (
+        compare_results,
+        extract_results_from_loggers,
+        prepare_for_propagation_comparison,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from edge_pipeline.layer_error import blame
+
+    gm, batch = export_for_calibration(model, calibration)
+    canonicalize_clamps(gm)
+    float_logged = prepare_for_propagation_comparison(gm)  # a copy: prepare_pt2e below changes gm
+    prepared = prepare_pt2e(gm, quantizer)
+    for i in range(0, len(calibration[0]), batch):
+        prepared(*[torch.from_numpy(a[i:i + batch]) for a in calibration])
+    quant_logged = prepare_for_propagation_comparison(convert_pt2e(prepared))
+    for i in range(0, len(rows[0]), batch):
+        chunk = [torch.from_numpy(a[i:i + batch]) for a in rows]
+        float_logged(*chunk)
+        quant_logged(*chunk)
+    compared = compare_results(extract_results_from_loggers(float_logged), extract_results_from_loggers(quant_logged))
+    sqnr = {}
+    for info, summary in compared.items():
+        noise = [10 ** (-float(r.sqnr) / 10) for r in summary.results if torch.isfinite(r.sqnr)]
+        sqnr[info.name] = float("inf") if not noise else -10 * float(np.log10(max(np.mean(noise), 1e-30)))
+    ops, alias = [], {}
+    for node in float_logged.graph.nodes:
+        if node.op == "call_module":  # the debugger's loggers sit between an op and its users
+            alias[node.name] = node.args[0].name
+            continue
+        if node.op != "call_function":
+            continue
+        stack = node.meta.get("nn_module_stack") or {}
+        layer = None
+        if str(node.target).startswith(LAYER_OPS) and stack:
+            layer = list(stack.values())[-1][0].removeprefix("model.")  # paths inside FlatModel
+        source = next((alias.get(a.name, a.name) for a in node.args if isinstance(a, torch.fx.Node)), None)
+        ops.append((node.name, layer, source))
+    return blame(ops, sqnr)

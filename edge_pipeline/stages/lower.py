@@ -27,6 +27,7 @@ from edge_pipeline.modelio import load_model
 from edge_pipeline.targets import Profile, load_profile
 
 GOLDEN_SAMPLES = 32
+LAYER_ERROR_ROWS = 32  # validation rows the per-layer debuggers log (ORT's holds every tensor in memory)
 
 
 def example_inputs(data, rows: int = 1) -> tuple[torch.Tensor, ...]:
@@ -69,20 +70,10 @@ class Reference:
 
     def __init__(self, model: nn.Module, ev: Evaluator):
         self.ev = ev
-        self._errors: dict[str, float] | None = None
         self.val, self.test = predict(model, ev.data.val), predict(model, ev.data.test)
         self.val_metric = ev.score_outputs(self.val, "val")
         self.test_metric = ev.score_outputs(self.test, "test")
         self.model = model
-
-    def layer_errors(self, calibration: tuple[np.ndarray, ...]) -> dict[str, float]:
-        """Per-layer int8 error (SQNR dB), computed once per lower stage and shared by its targets."""
-        if self._errors is None:
-            from edge_pipeline.layer_error import layer_errors
-
-            val = self.ev.data.val
-            self._errors = layer_errors(self.model, calibration, val.rows(np.arange(min(64, len(val)))))
-        return self._errors
 
     def float_metrics(self) -> dict:
         """The float model's metric, and what int8 weights alone (activations float) reach: the honest ceiling
@@ -146,9 +137,11 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
                                                   "the miss is reported as is"}
         elif sensitivity:
             # Accuracy-aware fallback, decided on the validation split: the layers with the largest own int8
-            # error (one pass, no export each) go back to float one at a time, each confirmed by a rebuild:
-            # at most 1 + max_float_layers exports.
-            errors = ref.layer_errors(calibration)
+            # error (from the runtime's own debugger on one calibrated build) go back to float one at a time,
+            # each confirmed by a rebuild: at most 1 + max_float_layers exports.
+            val = ref.ev.data.val
+            rows = val.rows(np.arange(min(LAYER_ERROR_ROWS, len(val))))
+            errors = backend.layer_errors(model, example, calibration, rows, profile, iface)
             exports = 1
             for candidate in sorted(errors, key=errors.get)[:profile.quantization.max_float_layers]:
                 if not missed(metrics):
