@@ -40,7 +40,8 @@ def _float_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
 
 
 def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
-              profile: Profile, iface: ModelInterface, build: Path, float_layers=(), default_flow: bool = False) -> Path:
+              profile: Profile, iface: ModelInterface, build: Path, float_layers=(),
+              default_flow: bool = False) -> Path:
     """float.onnx -> pre.onnx (quant_pre_process: shapes, BatchNorm folded) -> qdq.onnx in ``build``."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
