@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from edge_pipeline import capture
 from edge_pipeline.errors import (
     EXIT_BUDGET,
     EXIT_INTERNAL,
@@ -25,7 +26,8 @@ from edge_pipeline.errors import (
 
 # Outside a terminal (CI logs, pipes) rich would wrap tables at 80 columns; use COLUMNS or a wide default.
 _WIDTH = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 200))
-console = Console(stderr=True, width=_WIDTH)
+# On a copy of the terminal's stderr: while a stage runs, descriptor 2 itself goes to the stage's log.
+console = Console(file=capture.terminal_stream(), width=_WIDTH)
 out = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
 
 # The figures the summary shows per stage (all of them are in run.json).
@@ -82,6 +84,7 @@ def handle_errors(fn):
         except PipelineError as e:
             if debug:
                 raise
+            _show_log(e)
             console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
@@ -90,11 +93,21 @@ def handle_errors(fn):
         except Exception as e:  # noqa: BLE001 - a crash is reported, not dumped; --debug shows the traceback
             if debug:
                 raise
+            _show_log(e)
             console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}\n"
                           "  run again with --debug for the traceback", highlight=False)
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
+
+
+def _show_log(err: BaseException) -> None:
+    """The last lines other libraries wrote while the failed stage ran, and where the whole log is."""
+    path = getattr(err, "log_path", None)
+    lines = capture.tail(path) if path else []
+    if lines:
+        console.print("\n".join(lines), style="dim", highlight=False, markup=False)
+        console.print(f"log: {path}", highlight=False)
 
 
 def _terminated(signum, frame) -> None:
@@ -111,8 +124,11 @@ def _version() -> str:
 @click.group()
 @click.version_option(_version(), prog_name="edge-pipeline")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
-def main(debug: bool) -> None:
+@click.option("--verbose", is_flag=True, help="Stream other libraries' output (default: each stage's log.txt).")
+def main(debug: bool, verbose: bool) -> None:
     """From a trained PyTorch model to a tested release bundle for phones and boards."""
+    if not verbose:
+        capture.enable()
     # SIGTERM (a CI timeout, `kill`) ends a run like Ctrl-C: run.json says interrupted, children are stopped.
     signal.signal(signal.SIGTERM, _terminated)
     # `package.module:callable` sources in the current folder import as they do under `python -m`.

@@ -7,6 +7,7 @@ import contextlib
 import importlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from edge_pipeline import distributed, progress
+from edge_pipeline import capture, distributed, progress
 from edge_pipeline.errors import EXIT_UNREACHABLE, BudgetFailure, DevicesUnreachable, PipelineError
 from edge_pipeline.recipe import Recipe, load_recipe
 from edge_pipeline.runstore import RunStore
@@ -177,7 +178,8 @@ def _run_locked(recipe: Recipe, recipe_path, store: RunStore, ddp: bool, from_st
     ctx = Context(recipe, str(recipe_path), store)
     recipe_doc = recipe.model_dump()
     try:
-        ctx.preflight()
+        with capture.to_log(store.dir / "log.txt"):  # imports and checks before the first stage
+            ctx.preflight()
         return _run_stages(ctx, recipe_doc, ddp, from_stage, only, force, until)
     except PipelineError as e:
         status = ("failed-targets" if isinstance(e, BudgetFailure) else
@@ -289,9 +291,18 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
                recipe_doc: dict) -> dict:
     progress.note(f"stage {sd.name}: running")
     started = time.time()
-    stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
     with _stage_folder(ctx.store, sd.name, ddp) as tmp:
-        metrics = stage_mod.run(ctx, tmp)
+        log = tmp / "log.txt"  # other libraries' output while the stage runs (when the CLI captures it)
+        try:
+            with capture.to_log(log):
+                stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
+                metrics = stage_mod.run(ctx, tmp)
+        except BaseException as e:
+            if log.is_file():  # the stage folder goes; its log stays beside it for the error to point at
+                kept = ctx.store.dir / f"{ctx.store.folder_name(sd.name)}.failed-log.txt"
+                shutil.copy(log, kept)
+                e.log_path = kept
+            raise
         after = inputs | sd.external(ctx)
         if after != inputs:
             # The stage wrote one of its own inputs (calibrate pinning a new set): key it as the next
@@ -302,6 +313,7 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
                "seconds": round(time.time() - started, 3), "metrics": metrics}
         (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
     if not ddp or distributed.is_main():
+        (ctx.store.dir / f"{ctx.store.folder_name(sd.name)}.failed-log.txt").unlink(missing_ok=True)
         ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "running")
     progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")
     return rec

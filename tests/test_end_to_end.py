@@ -262,3 +262,36 @@ def test_two_builds_from_scratch_in_two_folders_give_the_same_release(digits_run
         return m
 
     assert without_measurements(manifests[0]) == without_measurements(manifests[1])
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_device_test_kills_the_runner_and_removes_its_folder(digits_run, tmp_path):
+    import signal
+    import sys
+    import time
+
+    _, doc, _ = digits_run
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # the local device's work folder is made here
+
+    def runners() -> list[int]:
+        found = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and b"runner.py" in (proc / "cmdline").read_bytes() and \
+                        os.readlink(proc / "cwd").startswith(str(tmp_path)):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
+
+    cli = subprocess.Popen([sys.executable, "-m", "edge_pipeline.cli", "test", doc["run_dir"], "--device", "local",
+                            "--runs", "1000000"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not runners() and time.time() < deadline and cli.poll() is None:
+        time.sleep(0.2)
+    assert runners(), "the device runner never started"
+    cli.send_signal(signal.SIGTERM)
+    assert cli.wait(timeout=60) == 130
+    time.sleep(0.5)
+    assert runners() == [], "a device runner outlived the run"
+    assert not list(tmp_path.glob("edge-device-*")), "the device's work folder was left behind"
