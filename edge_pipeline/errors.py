@@ -43,3 +43,12 @@ class DevicesUnreachable(PipelineError):
     def __init__(self, message: str, **kw):
         kw.setdefault("exit_code", EXIT_UNREACHABLE)
         super().__init__(message, **kw)
+
+
+def all_of(errors: list[PipelineError]) -> PipelineError:
+    """Several problems found in one pass (a recipe's mistakes) as one error that lists each, numbered, with its
+    own where and hint: the user fixes them all in one go, not one per run."""
+    if len(errors) == 1:
+        return errors[0]
+    body = "\n".join(f"{i}. " + str(e).replace("\n", "\n   ") for i, e in enumerate(errors, 1))
+    return PipelineError(f"{len(errors)} problems:\n{body}", exit_code=max(e.exit_code for e in errors))

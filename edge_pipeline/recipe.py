@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from edge_pipeline.errors import PipelineError
+from edge_pipeline.errors import PipelineError, all_of
 
 
 class _Strict(BaseModel):
@@ -172,7 +172,7 @@ def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise _explain(e.errors()[0], source) from None
+        raise all_of([_explain(err, source) for err in e.errors()]) from None
 
 
 def resolve_paths(doc: dict, base: Path) -> dict:
@@ -220,13 +220,23 @@ def check_references(recipe: Recipe, source: str, base: Path) -> None:
     from edge_pipeline import sources, targets
     from edge_pipeline.devices import parse_device
 
-    sources.check_model_source(recipe.model, where=f"{source}: model")
-    sources.check_data_source(recipe.data, where=f"{source}: data")
+    problems: list[PipelineError] = []  # every reference is checked and every problem reported at once
+
+    def check(fn, *args, **kwargs) -> None:
+        try:
+            fn(*args, **kwargs)
+        except PipelineError as e:
+            problems.append(e)
+
+    check(sources.check_model_source, recipe.model, where=f"{source}: model")
+    check(sources.check_data_source, recipe.data, where=f"{source}: data")
     if recipe.weights and not Path(recipe.weights).is_file():
-        raise PipelineError(f"weights file not found: {recipe.weights}", where=f"{source}: weights")
+        problems.append(PipelineError(f"weights file not found: {recipe.weights}", where=f"{source}: weights"))
     if recipe.distill.student not in ("pruned",) and not recipe.distill.student.startswith("teacher@"):
-        sources.check_model_source(recipe.distill.student, where=f"{source}: distill.student")
+        check(sources.check_model_source, recipe.distill.student, where=f"{source}: distill.student")
     for i, name in enumerate(recipe.targets):
-        targets.load_profile(name, where=f"{source}: targets[{i}]")
+        check(targets.load_profile, name, where=f"{source}: targets[{i}]")
     for i, dev in enumerate(recipe.devices):
-        parse_device(dev, where=f"{source}: devices[{i}]")
+        check(parse_device, dev, where=f"{source}: devices[{i}]")
+    if problems:
+        raise all_of(problems)

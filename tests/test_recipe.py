@@ -56,3 +56,23 @@ def test_cli_help_and_version():
     assert run_cli("--version").stdout.startswith("edge-pipeline, version")
     for cmd in ("run", "prune", "distill", "calibrate", "lower", "targets", "doctor"):
         assert run_cli(cmd, "--help").returncode == 0
+
+
+def test_every_mistake_in_a_recipe_is_reported_at_once(tmp_path):
+    from edge_pipeline.recipe import load_recipe
+
+    bad = tmp_path / "r.yaml"
+    bad.write_text("name: r\nmodel: zoo:digits-cnn\ndata: zoo:digits\ntrian: {epochs: 3}\n"
+                   "distill: {temperature: -1}\n")
+    with pytest.raises(PipelineError) as e:
+        load_recipe(bad)
+    text = str(e.value)
+    assert text.startswith("2 problems") and "unknown key 'trian'" in text and "did you mean train" in text
+    assert "distill.temperature" in text
+    refs = tmp_path / "refs.yaml"
+    refs.write_text("name: r\nmodel: zoo:nope\ndata: zoo:digits\ntargets: [no-such-target, tflite-int8]\n"
+                    "devices: [local, 'ftp://x']\n")
+    with pytest.raises(PipelineError) as e:
+        load_recipe(refs)
+    text = str(e.value)
+    assert text.startswith("3 problems") and "model" in text and "targets[0]" in text and "devices[1]" in text
