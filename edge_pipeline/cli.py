@@ -308,6 +308,26 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
     sys.exit(EXIT_BUDGET if failed else EXIT_UNREACHABLE if unreachable else 0)
 
 
+@main.command("init")
+@click.option("--model", required=True, help="package.module:callable returning a trained nn.Module, or zoo:NAME.")
+@click.option("--weights", default=None, help="A state_dict file for the model (loaded with weights_only=True).")
+@click.option("--data", required=True, help="zoo:NAME, file.npz, an image folder, or package.module:callable.")
+@click.option("--targets", "targets", multiple=True, help="Target profile (repeat); default: the six built-in ones.")
+@click.option("--out", "out_path", default=None, help="Recipe file to write (default: recipes/<name>.yaml).")
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+@handle_errors
+def init_command(model, weights, data, targets, out_path, force):
+    """Write a starter recipe for your model and data, checked as a run would check it."""
+    from pathlib import Path
+
+    from edge_pipeline.init import _name, write_starter
+
+    path = Path(out_path or f"recipes/{_name(model)}.yaml")
+    written = _with_progress(lambda: write_starter(path, model, data, list(targets) or None, force,
+                                                           weights))
+    out.print(f"wrote {written}\nnext: edge-pipeline run {written}")
+
+
 @main.command("package")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--version", "version", required=True, help="Release version, e.g. 1.2.0.")

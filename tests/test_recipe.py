@@ -76,3 +76,29 @@ def test_every_mistake_in_a_recipe_is_reported_at_once(tmp_path):
         load_recipe(refs)
     text = str(e.value)
     assert text.startswith("3 problems") and "model" in text and "targets[0]" in text and "devices[1]" in text
+
+
+@pytest.mark.slow
+def test_init_writes_a_recipe_that_runs_for_a_model_given_as_a_callable(tmp_path):
+    import realshaped as rs
+    import torch
+    import yaml
+    from edge_support import run_cli
+
+    torch.save(rs.train_briefly(rs.keyword_net(), "realshaped:keywords"), tmp_path / "kws.pt")
+    path = tmp_path / "proj" / "kws.yaml"
+    res = run_cli("init", "--model", "realshaped:keyword_net", "--weights", tmp_path / "kws.pt",
+                  "--data", "realshaped:keywords", "--targets", "ort-mobile-int8", "--out", path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"edge-pipeline run {path}" in " ".join(res.stdout.split())
+    text = path.read_text()
+    assert "#   input  signal: [1, 400] float32" in text and "#   output output: [4] float32" in text
+    doc = yaml.safe_load(text)
+    assert doc["weights"] == "../kws.pt" and doc["prune"]["max_macs"] == 0.5 and doc["distill"]["student"] == "pruned"
+    doc["distill"]["epochs"], doc["prune"]["finetune_epochs"] = 3, 1  # as written, only shorter
+    path.write_text(yaml.safe_dump(doc))
+    run = run_cli("run", path, timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert (tmp_path / "proj" / "calibration" / "keyword_net-256.npz").is_file()  # pinned beside the recipe
+    again = run_cli("init", "--model", "realshaped:keyword_net", "--data", "realshaped:keywords", "--out", path)
+    assert again.returncode == 2 and "exists" in again.stderr
