@@ -169,6 +169,53 @@ def _coverage_table(targets: dict) -> str:
             + "".join(rows) + "</table>")
 
 
+def _budget(value, limit, fmt: str) -> str:
+    if value is None:
+        return "–"
+    shown = format(value, fmt)
+    if limit is None:
+        return shown
+    ok = value <= limit + 1e-9
+    return f'{shown} <span class="{"ok" if ok else "bad"}">(≤ {format(limit, fmt)} {"✓" if ok else "✗"})</span>'
+
+
+def _verdict(run_dir: Path, lower, results: dict) -> str:
+    """The first thing the report shows: each target on each device, pass or fail, its figures against its
+    budgets, and the reason for any failure."""
+    if lower is None:
+        return "<p>No lower stage: nothing was built.</p>"
+    budgets = {p["name"]: p.get("budgets", {}) for p in lower[1].get("config", {}).get("targets", [])}
+    metric = _metric(run_dir)
+    rows, passed, total = [], 0, 0
+    for name, t in lower[1]["metrics"]["targets"].items():
+        b = budgets.get(name, {})
+        for device, m in (results.get(name) or {"(not device-tested)": {}}).items():
+            why = list(t.get("failures") or []) + list(m.get("failures") or [])
+            why += [m["error"]] if "error" in m and m["error"] not in why else []
+            ok = not why and ("error" not in t)
+            total += 1
+            passed += ok
+            verdict = ('<b class="ok">pass</b>' if ok else
+                       '<b class="warn">unreachable</b>' if m.get("unreachable") else '<b class="bad">fail</b>')
+            p50 = (m.get("latency") or {}).get("p50_ms")
+            drop = m.get("metric_drop", t.get("metric_drop"))
+            score = m.get("test_metric", t.get("test_metric"))
+            parity = (t.get("parity") or {}).get("worst", {}).get("cosine")
+            rows.append(
+                f"<tr><td>{html.escape(name)}</td><td>{html.escape(device)}</td><td>{verdict}</td>"
+                f"<td>{_budget(t.get('size_bytes'), b.get('max_size_bytes'), 'd')}</td>"
+                f"<td>{_budget(p50, b.get('max_latency_ms'), '.3f')}</td>"
+                f"<td>{'–' if score is None else format(score, '.4f')}</td>"
+                f"<td>{_budget(drop, b.get('max_accuracy_drop'), '.4f')}</td>"
+                f"<td>{'–' if parity is None else format(parity, '.5f')}</td>"
+                f"<td>{html.escape('; '.join(str(w) for w in why))[:400]}</td></tr>")
+    head = (f'<p id="verdict-summary"><b>{passed} of {total}</b> target × device checks pass.</p>'
+            f"<table id=\"verdict\"><tr><th>target</th><th>device</th><th>verdict</th><th>size (bytes)</th>"
+            f"<th>p50 (ms)</th><th>test {html.escape(metric)}</th><th>{html.escape(metric)} drop vs float</th>"
+            f"<th>parity cosine (worst output)</th><th>why it failed</th></tr>")
+    return head + "".join(rows) + "</table>"
+
+
 def _metric(run_dir: Path) -> str:
     rec = find_stage(run_dir, "teacher")
     return (rec[1]["metrics"].get("metric") if rec else None) or "metric"
@@ -185,14 +232,18 @@ def write_report(run_dir: Path, dest: Path) -> Path:
     title = f"edge-pipeline report: {run_dir.parent.name}/{run_dir.name}"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img.plot{{max-width:100%}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}</style></head>
-<body><h1>{html.escape(title)}</h1>{''.join(sections)}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
+.ok{{color:#176d2c}}.bad{{color:#b3261e}}.warn{{color:#8a5a00}}</style></head>
+<body><h1>{html.escape(title)}</h1><h2>Verdict</h2>{_verdict(run_dir, lower, results)}{''.join(sections)}
 <h2>Operator coverage</h2>{_coverage_table(targets)}
 <script>
 window.addEventListener('load', () => {{
   const imgs = [...document.querySelectorAll('img.plot')];
   document.body.dataset.plots = imgs.length;
   document.body.dataset.rendered = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const verdict = document.getElementById('verdict');  // the report's first screen must hold the verdict
+  document.body.dataset.verdictBottom = verdict ? Math.ceil(verdict.getBoundingClientRect().bottom) : -1;
+  document.body.dataset.viewport = window.innerHeight;
 }});
 </script></body></html>"""
     dest.write_text(page)

@@ -167,7 +167,8 @@ def test_report_renders_every_plot_in_headless_chromium(digits_run, tmp_path):
     res = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000",
-                          "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120)
+                          "--window-size=1280,800", "--dump-dom", report.as_uri()],
+                         capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     import re
 
@@ -175,6 +176,11 @@ def test_report_renders_every_plot_in_headless_chromium(digits_run, tmp_path):
     rendered = re.search(r'data-rendered="(\d+)"', res.stdout)
     assert plots and rendered, res.stdout[:500]
     assert int(plots.group(1)) >= 4 and plots.group(1) == rendered.group(1)
+    # Verdict first: the targets x devices table ends within the first screen of a 1280x800 window.
+    bottom = int(re.search(r'data-verdict-bottom="(-?\d+)"', res.stdout).group(1))
+    viewport = int(re.search(r'data-viewport="(\d+)"', res.stdout).group(1))
+    assert 0 < bottom <= viewport, (bottom, viewport)
+    assert "6 of 6</b> target × device checks pass" in res.stdout
 
 
 @pytest.mark.slow
