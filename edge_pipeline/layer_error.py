@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+NO_ERROR_DB = 200.0  # a layer that adds no measurable noise (finite, so run.json stays plain JSON and plots draw)
 
 
 def _noise(db: float) -> float:
@@ -38,7 +39,8 @@ def blame(ops: list[tuple[str, str | None, str | None]], sqnr_db: dict[str, floa
         at[name] = _noise(sqnr_db[name]) if name in sqnr_db else before
         if owner[name] is not None and name in sqnr_db:
             noise[owner[name]] = noise.get(owner[name], 0.0) + max(at[name] - before, 0.0)
-    return {layer: math.inf if n <= 0 else -10 * math.log10(n) for layer, n in noise.items()}
+    return {layer: NO_ERROR_DB if n <= 10 ** (-NO_ERROR_DB / 10) else -10 * math.log10(n)
+            for layer, n in noise.items()}
 
 
 def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:

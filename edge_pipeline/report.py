@@ -141,8 +141,8 @@ def _distill_curves(run_dir: Path) -> str | None:
 
 def _quant_sensitivity(targets: dict) -> str | None:
     sens = {t: m["layer_error_db"] for t, m in targets.items() if m.get("layer_error_db")}
-    if not sens:
-        return None
+    if len({v for s in sens.values() for v in s.values()}) <= 1:
+        return None  # nothing measured, or every layer alike: a flat line says nothing
     fig, ax = plt.subplots(figsize=(10, 3.6))
     for i, (t, s) in enumerate(sens.items()):
         layers = list(s)
