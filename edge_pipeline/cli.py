@@ -12,7 +12,15 @@ from importlib import metadata
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from edge_pipeline import capture
@@ -66,9 +74,8 @@ class RichSink:
 def _with_progress(fn):
     from edge_pipeline import progress as prog
 
-    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-                   TextColumn("{task.completed:.0f}/{task.total:.0f}"), TimeElapsedColumn(),
-                   console=console, transient=True)
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
     with bar, prog.use_sink(RichSink(bar)):
         return fn()
 
@@ -142,11 +149,11 @@ def _print_summary(summary) -> None:
         table.add_column(col)
     for name, s in summary.stages.items():
         m = s.get("metrics", {})
-        if name == "lower":
-            figures = ", ".join(f"{t}: {v.get('size_bytes', '-')} B, {v.get('metric', 'metric')} "
-                                f"{_fmt(v.get('test_metric'))}" + (f" (failed: {'; '.join(v['failures'])[:160]})"
-                                                                   if v.get("failures") else "")
-                                for t, v in m.get("targets", {}).items())
+        if name == "lower":  # per-target figures are in the targets x devices table; here the count and reasons
+            targets = m.get("targets", {})
+            failed = {t: v["failures"] for t, v in targets.items() if v.get("failures")}
+            figures = f"{len(targets) - len(failed)} of {len(targets)} targets ok" + "".join(
+                f"; {t} failed: {'; '.join(f)[:160]}" for t, f in failed.items())
         else:
             figures = ", ".join(f"{k}={_fmt(m[k])}" for k in SUMMARY_KEYS.get(name, ()) if k in m)
         secs = s.get("seconds")
@@ -154,7 +161,7 @@ def _print_summary(summary) -> None:
     console.print(table)
     if summary.failed_targets:
         console.print(f"[bold red]targets that failed:[/bold red] {', '.join(summary.failed_targets)}")
-    console.print(f"run directory: {summary.run_dir}  (run.json inside)")
+    console.print(f"run directory: {summary.run_dir}  (run.json inside)", highlight=False)
 
 
 def _fmt(v) -> str:
@@ -186,13 +193,13 @@ def _run_command(recipe, out_dir, run_id, from_stage, only, force, as_json, unti
     _print_summary(summary)
     dev = summary.run_json.get("stages", {}).get("device-test")
     if dev:
-        console.print(_target_table(dev["metrics"]["results"], "targets × devices"))
+        _print_targets(console, dev["metrics"]["results"], "targets × devices")
     report = summary.run_dir / "report.html"
     if report.is_file():
         console.print(f"report: {report}")
     pkg = summary.run_json.get("stages", {}).get("package")
     if pkg:
-        console.print(f"bundle: {pkg['metrics']['bundle']}  archive: {pkg['metrics']['tar']}")
+        console.print(f"bundle: {pkg['metrics']['bundle']}  archive: {pkg['metrics']['tar']}", highlight=False)
     sys.exit(summary.exit_code)
 
 
@@ -238,28 +245,32 @@ _stage_command("calibrate", "Draw (or check) the pinned representative set.")
 _stage_command("lower", "Lower the model to every target's runtime format.")
 
 
-def _target_table(results: dict, title: str) -> Table:
+def _print_targets(con: Console, results: dict, title: str) -> None:
+    """Targets x devices: the figures that decide a release, then each note once, below the table (a note
+    in a cell would wrap the table on a narrow terminal)."""
     table = Table(title=title)
-    for col in ("target", "device", "size (B)", "p50 ms", "p90 ms", "cv", "init ms", "peak RSS MB", "test metric",
-                "cosine vs teacher", "status"):
+    for col in ("target", "device", "size (B)", "p50 ms", "peak RSS MB", "test metric", "status"):
         table.add_column(col)
+    notes: list[str] = []
     for target, by in results.items():
         for device, m in by.items():
             if "error" in m:
-                table.add_row(target, device, *[""] * 8, f"[red]{m['error'][:80]}[/red]")
+                word = "unreachable" if m.get("unreachable") else "error"
+                table.add_row(target, device, *[""] * 4, f"[red]{word}: {m['error'].splitlines()[0][:80]}[/red]")
                 continue
-            lat = m["latency"]
             status = "[red]" + "; ".join(m["failures"]) + "[/red]" if m.get("failures") else "[green]ok[/green]"
-            if lat.get("unstable"):
-                status += " [yellow](unstable)[/yellow]"
-            for note in m.get("notes", []):
-                status += f" [yellow]({note})[/yellow]"
+            marks = []
+            for note in m.get("notes", []) + (["latency unstable (high CV)"] if m["latency"].get("unstable") else []):
+                if note not in notes:
+                    notes.append(note)
+                marks.append(f"({notes.index(note) + 1})")
             acc = m.get("test_metric")
-            table.add_row(target, device, str(m["size_bytes"]), f"{lat['p50_ms']:.3f}", f"{lat['p90_ms']:.3f}",
-                          f"{lat['cv']:.2f}", f"{m['init_ms']:.1f}", f"{m['peak_rss_bytes'] / 2**20:.0f}",
-                          "" if acc is None else f"{m.get('metric', '')} {acc:.4f}",
-                          f"{m['agreement_with_teacher']['worst']['cosine']:.4f}", status)
-    return table
+            score = "" if acc is None else f"{m.get('metric', '')} {acc:.4f}"
+            table.add_row(target, device, str(m["size_bytes"]), f"{m['latency']['p50_ms']:.3f}",
+                          f"{m['peak_rss_bytes'] / 2**20:.0f}", score, status + (" " + " ".join(marks) if marks else ""))
+    con.print(table)
+    for i, note in enumerate(notes, 1):
+        con.print(f"({i}) {note}", style="yellow", highlight=False)
 
 
 @main.command("test")
@@ -279,7 +290,7 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
 
     results_path = _with_progress(lambda: test_run(Path(run_dir), list(devices), threads, runs, warmup, timeout))
     results = json.loads(results_path.read_text())
-    out.print(_target_table(results["results"], f"device test of {run_dir}"))
+    _print_targets(out, results["results"], f"device test of {run_dir}")
     import importlib.util
     import subprocess
 

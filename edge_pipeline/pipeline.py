@@ -289,9 +289,8 @@ def _dependencies(stage: str) -> set[str]:
 
 def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, ddp: bool,
                recipe_doc: dict) -> dict:
-    progress.note(f"stage {sd.name}: running")
     started = time.time()
-    with _stage_folder(ctx.store, sd.name, ddp) as tmp:
+    with _stage_folder(ctx.store, sd.name, ddp) as tmp, progress.task(f"stage {sd.name}"):
         log = tmp / "log.txt"  # other libraries' output while the stage runs (when the CLI captures it)
         try:
             with capture.to_log(log):

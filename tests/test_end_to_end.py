@@ -225,7 +225,7 @@ def test_a_deleted_bundle_is_built_again_not_reported_reused(digits_run):
     shutil.rmtree(bundle)
     res = run_cli("run", recipe, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "stage package: running" in res.stderr and "stage lower: reused" in res.stderr
+    assert "stage package: done" in res.stderr and "stage lower: reused" in res.stderr
     assert (bundle / "manifest.json").is_file()
 
 
