@@ -266,8 +266,9 @@ def _print_targets(con: Console, results: dict, title: str) -> None:
                 marks.append(f"({notes.index(note) + 1})")
             acc = m.get("test_metric")
             score = "" if acc is None else f"{m.get('metric', '')} {acc:.4f}"
+            status += " " + " ".join(marks) if marks else ""
             table.add_row(target, device, str(m["size_bytes"]), f"{m['latency']['p50_ms']:.3f}",
-                          f"{m['peak_rss_bytes'] / 2**20:.0f}", score, status + (" " + " ".join(marks) if marks else ""))
+                          f"{m['peak_rss_bytes'] / 2**20:.0f}", score, status)
     con.print(table)
     for i, note in enumerate(notes, 1):
         con.print(f"({i}) {note}", style="yellow", highlight=False)
