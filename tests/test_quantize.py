@@ -151,6 +151,13 @@ def test_ort_float_fallback_finds_convs_that_batchnorm_folding_renamed(tmp_path)
         "model.c2.weight" in convs[n].input for n in kept if n in convs)
 
 
+class BatchSized(nn.Module):
+    """Reads the batch size (as real models' views do): a dynamic-batch export logs it as a symbolic int."""
+
+    def forward(self, x):
+        return x.reshape(x.size(0), -1)
+
+
 @pytest.mark.parametrize("backend", ["executorch", "onnxruntime"])
 def test_one_pass_layer_error_blames_the_layer_with_the_outlier_weight(backend):
     """A huge weight on an input that is always 0 leaves the float model as it was but ruins that layer's int8
@@ -161,7 +168,8 @@ def test_one_pass_layer_error_blames_the_layer_with_the_outlier_weight(backend):
     from edge_pipeline.targets import load_profile
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4),
+                          BatchSized()).eval()
     with torch.no_grad():
         model[0].weight[0], model[0].bias[0] = 0.0, -1.0  # unit 0 is always 0 after the ReLU
         model[2].weight[:, 0] = 500.0

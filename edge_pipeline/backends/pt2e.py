@@ -189,7 +189,10 @@ def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tu
         chunk = [torch.from_numpy(a[i:i + batch]) for a in rows]
         float_logged(*chunk)
         quant_logged(*chunk)
-    compared = compare_results(extract_results_from_loggers(float_logged), extract_results_from_loggers(quant_logged))
+    logged = [{info: r for info, r in extract_results_from_loggers(m).items()
+               if all(isinstance(v, torch.Tensor) and v.is_floating_point() for v in r[2])}
+              for m in (float_logged, quant_logged)]  # tensors only: a dynamic batch logs its sizes (ints) too
+    compared = compare_results(*logged)
     sqnr = {}
     for info, summary in compared.items():
         noise = [10 ** (-float(r.sqnr) / 10) for r in summary.results if torch.isfinite(r.sqnr)]

@@ -138,10 +138,16 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
         elif sensitivity:
             # Accuracy-aware fallback, decided on the validation split: the layers with the largest own int8
             # error (from the runtime's own debugger on one calibrated build) go back to float one at a time,
-            # each confirmed by a rebuild: at most 1 + max_float_layers exports.
+            # each confirmed by a rebuild, until the budget is met or a layer does not help: at most
+            # 1 + max_float_layers exports.
             val = ref.ev.data.val
             rows = val.rows(np.arange(min(LAYER_ERROR_ROWS, len(val))))
-            errors = backend.layer_errors(model, example, calibration, rows, profile, iface)
+            try:
+                errors = backend.layer_errors(model, example, calibration, rows, profile, iface)
+            except Exception as e:  # noqa: BLE001 - a diagnostic that fails costs the fallback, not the target
+                metrics["fallback"] = {"unsupported": f"per-layer error failed: {type(e).__name__}: "
+                                                      f"{str(e).splitlines()[0][:300]}"}
+                errors = {}
             exports = 1
             for candidate in sorted(errors, key=errors.get)[:profile.quantization.max_float_layers]:
                 if not missed(metrics):
@@ -157,8 +163,9 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
                     path, metrics = tdir / trial_path.name, trial_metrics
                     progress.note(f"{profile.name}: '{candidate}' kept in float ({metric.name} on val "
                                   f"{metrics['val_metric']:.4f})")
-                else:
+                else:  # the most harmful layer left did not help: the less harmful ones will not either
                     shutil.rmtree(trial)
+                    break
             if missed(metrics):
                 metrics["fallback_exhausted"] = True
             metrics["fallback_exports"] = exports
