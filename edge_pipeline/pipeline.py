@@ -297,8 +297,8 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
                 stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
                 metrics = stage_mod.run(ctx, tmp)
         except BaseException as e:
-            if log.is_file():  # the stage folder goes; its log stays beside it for the error to point at
-                kept = ctx.store.dir / f"{ctx.store.folder_name(sd.name)}.failed-log.txt"
+            if log.is_file() and log.stat().st_size:  # the stage folder goes; its log stays for the error to show
+                kept = ctx.store.dir / f"failed-{ctx.store.folder_name(sd.name)}.log"
                 shutil.copy(log, kept)
                 e.log_path = kept
             raise
@@ -312,7 +312,7 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
                "seconds": round(time.time() - started, 3), "metrics": metrics}
         (tmp / "stage.json").write_text(json.dumps(rec, indent=2, default=str))
     if not ddp or distributed.is_main():
-        (ctx.store.dir / f"{ctx.store.folder_name(sd.name)}.failed-log.txt").unlink(missing_ok=True)
+        (ctx.store.dir / f"failed-{ctx.store.folder_name(sd.name)}.log").unlink(missing_ok=True)
         ctx.store.write_run_json(recipe_doc, ctx.recipe_path, "running")
     progress.note(f"stage {sd.name}: done in {rec['seconds']:.1f}s")
     return rec

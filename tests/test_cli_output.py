@@ -47,5 +47,5 @@ def test_a_failing_stage_shows_the_last_lines_of_its_log_and_where_it_is(write_r
     res = run_cli("run", recipe, timeout=600)
     assert res.returncode == 3, res.stderr[-3000:]
     assert NOISE in res.stderr and "the kernel refused this batch" in res.stderr
-    log = next((tmp_path / "runs").rglob("*teacher.failed-log.txt"))
+    log = next((tmp_path / "runs").rglob("failed-*teacher.log"))
     assert NOISE in log.read_text() and f"log: {log}" in " ".join(res.stderr.split())
