@@ -196,3 +196,30 @@ def test_blame_charges_each_layer_its_own_noise_and_not_what_it_was_fed():
     assert got["f3"] == pytest.approx(-10 * np.log10(1 - 1e-3))
     broken = blame(ops, {"conv": 40.0, "fc": -5.0, "fc2": -8.0})
     assert broken["f2"] < 0.1 and broken["f3"] == NO_ERROR_DB
+
+
+@pytest.mark.parametrize("backend", ["executorch", "onnxruntime"])
+def test_a_healthy_conv_bn_model_has_no_layer_to_blame(backend):
+    """BatchNorm with real statistics is folded into its conv by the quantizer: the float side must be folded
+    alike, or every conv reads as broken (EfficientNet's did, at 0 dB)."""
+    from edge_pipeline.backends import get_backend
+    from edge_pipeline.interface import discover
+    from edge_pipeline.targets import load_profile
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6(),
+                        nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16), nn.ReLU6(),
+                        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-2, 2)
+            bn.running_var.uniform_(0.2, 4)
+            bn.weight.uniform_(0.5, 3)
+            bn.bias.uniform_(-1, 1)
+    flat = FlatModel(net.eval())
+    rng = np.random.default_rng(0)
+    cal = (rng.standard_normal((64, 3, 12, 12)).astype(np.float32),)
+    iface = discover(flat, (cal[0][:2],))
+    profile = load_profile("executorch-xnnpack-int8" if backend == "executorch" else "ort-mobile-int8")
+    err = get_backend(backend).layer_errors(flat, (torch.from_numpy(cal[0][:1]),), cal, (cal[0][:16],), profile, iface)
+    assert set(err) == {"0", "3", "8"} and min(err.values()) > 20, err

@@ -175,11 +175,15 @@ def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tu
         prepare_for_propagation_comparison,
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
     from edge_pipeline.layer_error import blame
 
     gm, batch = export_for_calibration(model, calibration)
     canonicalize_clamps(gm)
+    # prepare_pt2e folds BatchNorm into the convs: fold the float copy alike, else each float conv's output
+    # (before its BatchNorm) would be compared with a quantized conv's output (after it).
+    _fuse_conv_bn_(gm)
     float_logged = prepare_for_propagation_comparison(gm)  # a copy: prepare_pt2e below changes gm
     prepared = prepare_pt2e(gm, quantizer)
     for i in range(0, len(calibration[0]), batch):
