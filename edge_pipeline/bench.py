@@ -135,7 +135,7 @@ def check_targets(by: dict, ptq_only: bool = False, ceiling: float | None = None
         _target(f"bytes per parameter (3) <= {MAX_BYTES_PER_PARAM}", ours["bytes_per_param"],
                 ours["bytes_per_param"] <= MAX_BYTES_PER_PARAM)]
     if pipeline_seconds is not None:
-        targets.append(_target(f"pipeline wall time (all stages) <= {MAX_PTQ_SECONDS} s", pipeline_seconds,
+        targets.append(_target(f"pipeline wall time (all stages up to the device test) <= {MAX_PTQ_SECONDS} s", pipeline_seconds,
                                pipeline_seconds <= MAX_PTQ_SECONDS))
     return targets
 
@@ -163,7 +163,8 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
     from edge_pipeline.interface import FlatModel
     from edge_pipeline.stages.lower import example_inputs, load_calibration
 
-    summary = run_pipeline(recipe_path, out=out_root)
+    # Up to the device test: a recipe whose targets miss their budgets still gets measured (package would refuse).
+    summary = run_pipeline(recipe_path, out=out_root, until="device-test")
     run_dir = summary.run_dir
     recipe = summary.run_json["recipe"]
     lower = find_stage(run_dir, "lower")[1]["metrics"]
