@@ -135,7 +135,8 @@ def check_targets(by: dict, ptq_only: bool = False, ceiling: float | None = None
         _target(f"bytes per parameter (3) <= {MAX_BYTES_PER_PARAM}", ours["bytes_per_param"],
                 ours["bytes_per_param"] <= MAX_BYTES_PER_PARAM)]
     if pipeline_seconds is not None:
-        targets.append(_target(f"pipeline wall time (all stages up to the device test) <= {MAX_PTQ_SECONDS} s", pipeline_seconds,
+        targets.append(_target(f"pipeline wall time (every stage to the device test) <= {MAX_PTQ_SECONDS} s",
+                               pipeline_seconds,
                                pipeline_seconds <= MAX_PTQ_SECONDS))
     return targets
 
