@@ -55,8 +55,8 @@ def _waterfall(run_dir: Path, targets: dict) -> str | None:
     if not rows:
         return None
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
-    for ax, idx, title in zip(axes, (1, 2, 3, 4), ("params", "MACs", "size (bytes)", f"test {_metric(run_dir)}"),
-                              strict=True):
+    titles = ("parameters (count)", "MACs per inference", "size (bytes)", f"test {_metric(run_dir)}")
+    for ax, idx, title in zip(axes, (1, 2, 3, 4), titles, strict=True):
         labels = [r[0] for r in rows if r[idx] is not None]
         vals = [r[idx] for r in rows if r[idx] is not None]
         ax.bar(range(len(vals)), vals, color="#4c72b0")
@@ -94,14 +94,15 @@ def _scatter(results: dict, metric: str) -> str | None:
     for ax, xi, xlabel in ((axes[0], 2, "size (bytes)"), (axes[1], 3, "p50 latency (ms)")):
         xy = [(p[xi], p[4]) for p in pts]
         front = set(pareto(xy))
-        for i, p in enumerate(pts):
-            ax.scatter(p[xi], p[4], color="#c44e52" if i in front else "#8c8c8c", zorder=3)
-            ax.annotate(p[0], (p[xi], p[4]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for i, p in enumerate(pts):  # numbered points, names in the legend: names beside points overlap
+            ax.scatter(p[xi], p[4], color="#c44e52" if i in front else "#8c8c8c", zorder=3,
+                       label=f"{i + 1}. {p[0]} @ {p[1]}")
+            ax.annotate(str(i + 1), (p[xi], p[4]), fontsize=7, xytext=(3, 3), textcoords="offset points")
         fr = sorted(xy[i] for i in front)
         ax.plot([f[0] for f in fr], [f[1] for f in fr], "--", color="#c44e52", label="Pareto front")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(f"test {metric}")
-        ax.legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     return _figure(f"{metric} vs size and vs latency (Pareto front in red)", fig)
 
 
@@ -114,8 +115,8 @@ def _prune_scan(run_dir: Path) -> str | None:
     for layer, drops in scan.items():
         rs = sorted(drops, key=float)
         ax.plot([float(r) for r in rs], [drops[r] for r in rs], marker="o", label=layer)
-    ax.set_xlabel("pruning ratio (this layer alone)")
-    ax.set_ylabel("validation metric drop")
+    ax.set_xlabel("fraction of this layer's channels removed (this layer alone)")
+    ax.set_ylabel("validation metric drop (fraction)")
     ax.legend(fontsize=6)
     return _figure("Pruning sensitivity scan", fig)
 
@@ -216,6 +217,25 @@ def _verdict(run_dir: Path, lower, results: dict) -> str:
     return head + "".join(rows) + "</table>"
 
 
+def _run_facts(run_dir: Path) -> str:
+    """The model's inputs and outputs, the preprocessing the data had, and the toolchain: what an integrator
+    must reproduce on the device."""
+    doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    teacher = find_stage(run_dir, "teacher")  # the report is written before run.json gets its final interface
+    iface = (teacher[1]["metrics"].get("interface") if teacher else None) or doc.get("interface") or {}
+    rows = [f"<tr><td>{kind}</td><td>{html.escape(str(t.get('name')))}</td><td>{html.escape(str(t.get('shape')))}"
+            f"</td><td>{html.escape(str(t.get('dtype')))}</td></tr>"
+            for kind in ("inputs", "outputs") for t in iface.get(kind, [])]
+    io = ("<table><tr><th></th><th>name</th><th>shape (batch first)</th><th>dtype</th></tr>" + "".join(rows)
+          + "</table>") if rows else "<p>(no interface recorded)</p>"
+    pre = (doc.get("recipe") or {}).get("preprocess")
+    tools = doc.get("toolchain") or {}
+    return ("<h2>Model I/O</h2>" + io + "<h2>Preprocessing</h2><pre>" + html.escape(json.dumps(pre, indent=1))
+            + "</pre><h2>Toolchain</h2><table>" + "".join(
+                f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in tools.items())
+            + "</table>")
+
+
 def _metric(run_dir: Path) -> str:
     rec = find_stage(run_dir, "teacher")
     return (rec[1]["metrics"].get("metric") if rec else None) or "metric"
@@ -235,7 +255,7 @@ def write_report(run_dir: Path, dest: Path) -> Path:
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
 .ok{{color:#176d2c}}.bad{{color:#b3261e}}.warn{{color:#8a5a00}}</style></head>
 <body><h1>{html.escape(title)}</h1><h2>Verdict</h2>{_verdict(run_dir, lower, results)}{''.join(sections)}
-<h2>Operator coverage</h2>{_coverage_table(targets)}
+<h2>Operator coverage</h2>{_coverage_table(targets)}{_run_facts(run_dir)}
 <script>
 window.addEventListener('load', () => {{
   const imgs = [...document.querySelectorAll('img.plot')];
