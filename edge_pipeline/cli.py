@@ -332,9 +332,9 @@ def init_command(model, weights, data, targets, out_path, force):
     """Write a starter recipe for your model and data, checked as a run would check it."""
     from pathlib import Path
 
-    from edge_pipeline.init import _name, write_starter
+    from edge_pipeline.init import default_name, write_starter
 
-    path = Path(out_path or f"recipes/{_name(model)}.yaml")
+    path = Path(out_path or f"recipes/{default_name(model)}.yaml")
     written = _with_progress(lambda: write_starter(path, model, data, list(targets) or None, force,
                                                            weights))
     out.print(f"wrote {written}\nnext: edge-pipeline run {written}")

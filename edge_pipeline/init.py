@@ -19,7 +19,8 @@ DEFAULT_TARGETS = ("executorch-xnnpack-int8", "executorch-xnnpack-fp32", "ort-mo
                    "tflite-int8", "tflite-fp32")
 
 
-def _name(model: str) -> str:
+def default_name(model: str) -> str:
+    """The recipe's name (and file name) from the model source: its callable or file name."""
     base = model.rsplit(":", 1)[-1].rsplit("/", 1)[-1].removesuffix(".pt").removesuffix(".pt2")
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", base).strip("-.") or "model"
 
@@ -32,7 +33,7 @@ def starter_recipe(model: str, data: str, targets: list[str] | None = None, name
     from edge_pipeline.recipe import parse_recipe
     from edge_pipeline.sources import load_data
 
-    name = name or _name(model)
+    name = name or default_name(model)
     loaded = load_data(data, where="--data")
     labelled = loaded.train.y is not None
     doc = {"name": name, "description": f"{name}, from edge-pipeline init", "model": model,

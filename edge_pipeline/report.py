@@ -226,8 +226,8 @@ def _run_facts(run_dir: Path) -> str:
     rows = [f"<tr><td>{kind}</td><td>{html.escape(str(t.get('name')))}</td><td>{html.escape(str(t.get('shape')))}"
             f"</td><td>{html.escape(str(t.get('dtype')))}</td></tr>"
             for kind in ("inputs", "outputs") for t in iface.get(kind, [])]
-    io = ("<table><tr><th></th><th>name</th><th>shape (per sample, batch dimension left out)</th><th>dtype</th></tr>" + "".join(rows)
-          + "</table>") if rows else "<p>(no interface recorded)</p>"
+    head = "<tr><th></th><th>name</th><th>shape (per sample, batch dimension left out)</th><th>dtype</th></tr>"
+    io = f"<table>{head}{''.join(rows)}</table>" if rows else "<p>(no interface recorded)</p>"
     pre = (doc.get("recipe") or {}).get("preprocess")
     tools = doc.get("toolchain") or {}
     return ("<h2>Model I/O</h2>" + io + "<h2>Preprocessing</h2><pre>" + html.escape(json.dumps(pre, indent=1))

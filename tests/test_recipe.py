@@ -58,23 +58,22 @@ def test_cli_help_and_version():
         assert run_cli(cmd, "--help").returncode == 0
 
 
-def test_every_mistake_in_a_recipe_is_reported_at_once(tmp_path):
+def _load_error(path, text: str) -> str:
     from edge_pipeline.recipe import load_recipe
 
-    bad = tmp_path / "r.yaml"
-    bad.write_text("name: r\nmodel: zoo:digits-cnn\ndata: zoo:digits\ntrian: {epochs: 3}\n"
-                   "distill: {temperature: -1}\n")
+    path.write_text(text)
     with pytest.raises(PipelineError) as e:
-        load_recipe(bad)
-    text = str(e.value)
+        load_recipe(path)
+    return str(e.value)
+
+
+def test_every_mistake_in_a_recipe_is_reported_at_once(tmp_path):
+    text = _load_error(tmp_path / "r.yaml", "name: r\nmodel: zoo:digits-cnn\ndata: zoo:digits\ntrian: {epochs: 3}\n"
+                       "distill: {temperature: -1}\n")
     assert text.startswith("2 problems") and "unknown key 'trian'" in text and "did you mean train" in text
     assert "distill.temperature" in text
-    refs = tmp_path / "refs.yaml"
-    refs.write_text("name: r\nmodel: zoo:nope\ndata: zoo:digits\ntargets: [no-such-target, tflite-int8]\n"
-                    "devices: [local, 'ftp://x']\n")
-    with pytest.raises(PipelineError) as e:
-        load_recipe(refs)
-    text = str(e.value)
+    text = _load_error(tmp_path / "refs.yaml", "name: r\nmodel: zoo:nope\ndata: zoo:digits\n"
+                       "targets: [no-such-target, tflite-int8]\ndevices: [local, 'ftp://x']\n")
     assert text.startswith("3 problems") and "model" in text and "targets[0]" in text and "devices[1]" in text
 
 
