@@ -223,3 +223,35 @@ def test_a_healthy_conv_bn_model_has_no_layer_to_blame(backend):
     profile = load_profile("executorch-xnnpack-int8" if backend == "executorch" else "ort-mobile-int8")
     err = get_backend(backend).layer_errors(flat, (torch.from_numpy(cal[0][:1]),), cal, (cal[0][:16],), profile, iface)
     assert set(err) == {"0", "3", "8"} and min(err.values()) > 20, err
+
+
+def test_ort_files_for_x86_use_7bit_weights_and_stay_right_without_vnni(tmp_path):
+    """ORT on x86 multiplies uint8 activations by int8 weights and, on AVX2 CPUs without VNNI, adds pairs of
+    products in int16: full-range 8-bit weights overflow it (255*127*2 > 32767). A 1x1 conv whose inputs and
+    weights are all large and positive hits that on every output; an amd64 file keeps 7-bit weights and agrees
+    with the float model (on an AVX2-only host the 8-bit file's outputs come out about halved)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_pipeline.backends import onnxruntime as ob
+    from edge_pipeline.evaluation import run_artifact
+    from edge_pipeline.interface import discover
+    from edge_pipeline.sources.data import ArraySplit
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(32, 8, 1), nn.ReLU(), nn.Flatten())
+    with torch.no_grad():
+        net[0].weight.uniform_(0.5, 1.0)
+    flat = FlatModel(net.eval())
+    x = np.random.default_rng(0).uniform(0.8, 1.0, (64, 32, 4, 4)).astype(np.float32)
+    iface = discover(flat, (x[:2],))
+    profile = load_profile("ort-mobile-int8").model_copy(update={"platform": "amd64"})
+    path = ob.export(flat, (torch.from_numpy(x[:1]),), (x,), profile, tmp_path, iface, fixtures=False)
+    assert ob.describe(path)["weights_7bit"]
+    qdq = onnx.load(str(tmp_path / "model.onnx"))
+    weights = [numpy_helper.to_array(t) for t in qdq.graph.initializer if t.data_type == onnx.TensorProto.INT8
+               and t.dims and len(t.dims) == 4]
+    assert weights and all(np.abs(w.astype(int)).max() <= 64 for w in weights), [(w.min(), w.max()) for w in weights]
+    got = run_artifact(path, ArraySplit((x,), None), 1)[0]
+    want = flat(torch.from_numpy(x))[0].detach().numpy()
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
