@@ -43,6 +43,13 @@ def blame(ops: list[tuple[str, str | None, str | None]], sqnr_db: dict[str, floa
             for layer, n in noise.items()}
 
 
+def noise_shares(errors_db: dict[str, float]) -> dict[str, float]:
+    """Each layer's share of the int8 noise all layers add (own noise ratios, which add up)."""
+    noise = {k: _noise(v) for k, v in errors_db.items()}
+    total = sum(noise.values())
+    return {k: (n / total if total else 0.0) for k, n in noise.items()}
+
+
 def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     flat = w.reshape(w.shape[0], -1)
     scale = flat.abs().amax(1).clamp(min=1e-12) / 127

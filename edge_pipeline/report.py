@@ -165,9 +165,21 @@ def _coverage_table(targets: dict) -> str:
             cov = ", ".join(f"{k}×{v}" for k, v in sorted((d.get("ops") or {}).items()))
         status = "failed: " + "; ".join(t.get("failures", [])) if t.get("failures") else "ok"
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(t.get('size_bytes', '')))}</td>"
-                    f"<td>{html.escape(cov)}</td><td>{html.escape(status)}</td></tr>")
-    return ("<table><tr><th>target</th><th>bytes</th><th>operator coverage</th><th>status</th></tr>"
-            + "".join(rows) + "</table>")
+                    f"<td>{html.escape(cov)}</td><td>{html.escape(_fallback_text(t))}</td>"
+                    f"<td>{html.escape(status)}</td></tr>")
+    return ("<table><tr><th>target</th><th>bytes</th><th>operator coverage</th><th>float fallback</th>"
+            "<th>status</th></tr>" + "".join(rows) + "</table>")
+
+
+def _fallback_text(t: dict) -> str:
+    """What the accuracy-aware float fallback did for one target, in a few words."""
+    fb = t.get("fallback") or {}
+    if t.get("precision") != "int8" or "error" in t:
+        return "-"
+    if t.get("float_layers"):
+        return f"kept in float: {', '.join(t['float_layers'])} (+{fb.get('size_cost_bytes', 0)} B)"
+    return fb.get("not_tried") or fb.get("unsupported") or ("tried, did not help" if t.get("fallback_exports", 1) > 1
+                                                            else "not needed")
 
 
 def _budget(value, limit, fmt: str) -> str:

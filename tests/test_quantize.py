@@ -255,3 +255,17 @@ def test_ort_files_for_x86_use_7bit_weights_and_stay_right_without_vnni(tmp_path
     got = run_artifact(path, ArraySplit((x,), None), 1)[0]
     want = flat(torch.from_numpy(x))[0].detach().numpy()
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+
+
+def test_fallback_tries_only_layers_that_carry_the_noise():
+    """One broken layer among healthy ones is tried in float; noise spread evenly over many layers (as on
+    EfficientNet-Lite0, worst layer ~10%) costs no export and says why."""
+    from edge_pipeline.stages.lower import fallback_candidates
+
+    one_bad = {"a": 40.0, "b": 12.0, "c": 38.0, "d": 41.0}
+    assert fallback_candidates(one_bad, 3) == (["b"], None)
+    two_bad = {"a": 40.0, "b": 12.0, "c": 13.0, "d": 41.0}
+    assert fallback_candidates(two_bad, 3)[0] == ["b", "c"]
+    spread = {f"l{i}": 17.0 + i / 10 for i in range(50)}
+    candidates, why = fallback_candidates(spread, 3)
+    assert candidates == [] and "spread" in why and "'l0'" in why
