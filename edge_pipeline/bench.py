@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
 import tempfile
 import time
@@ -34,7 +33,7 @@ from edge_pipeline.modelstats import model_stats
 from edge_pipeline.pipeline import run as run_pipeline
 from edge_pipeline.runstore import find_stage
 from edge_pipeline.stages.device_test import measure_on_device, write_inputs
-from edge_pipeline.targets import load_profile, ort_platform
+from edge_pipeline.targets import load_profile, ort_files_for, ort_platform
 
 PROFILES = {"executorch": "executorch-xnnpack", "onnxruntime": "ort-mobile", "tflite": "tflite"}
 VARIANTS = ("fp32_teacher", "default_int8_teacher", "pipeline_int8", "format_floor")
@@ -141,25 +140,27 @@ def check_targets(by: dict, ptq_only: bool = False, ceiling: float | None = None
     return targets
 
 
-def _shipped(run_dir: Path, lower: dict, backend: str, tmp: Path, host: str) -> Path | None:
-    """The int8 artifact lower shipped for this backend (float layers and all). An ORT file is re-converted
-    from the shipped model.onnx for this host's platform: one optimized for arm would time the mismatch."""
-    from edge_pipeline.backends.onnxruntime import to_ort
+def _fallback_words(ours: dict) -> str:
+    fb = ours.get("fallback") or {}
+    why = fb.get("not_tried") or fb.get("unsupported")
+    return (f"{', '.join(ours.get('float_layers') or []) or 'none'} ({ours.get('fallback_exports') or 1} "
+            f"export(s){'; ' + why if why else ''})")
 
-    for t in lower["targets"].values():
-        if t.get("backend") == backend and t.get("precision") == "int8" and "artifact" in t:
-            path = run_dir / "04-lower" / t["artifact"]
-            if backend != "onnxruntime":
-                return path
-            folder = tmp / f"{backend}-shipped"
-            folder.mkdir()
-            shutil.copy(path.with_suffix(".onnx"), folder / "model.onnx")
-            to_ort(folder / "model.onnx", folder, host)
-            return folder / "model.ort"
-    return None
+
+def _shipped(lower: dict, backend: str) -> dict:
+    """The int8 target lower shipped for this backend (its artifact, float layers and fallback), or {}."""
+    return next((t for t in lower["targets"].values()
+                 if t.get("backend") == backend and t.get("precision") == "int8" and "artifact" in t), {})
 
 
 def bench_recipe(recipe_path: str, out_root: Path) -> dict:
+    # ORT files for this machine (as lower ships them for an x86 target): one optimized for arm runs several
+    # times slower here, and one quantized for arm overflows in x86's int8 kernels (see reduces_range).
+    with ort_files_for(ort_platform(platform.machine())):
+        return _bench_recipe(recipe_path, out_root)
+
+
+def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     from edge_pipeline.device_testing import evaluator_for_run
     from edge_pipeline.interface import FlatModel
     from edge_pipeline.stages.lower import example_inputs, load_calibration
@@ -191,12 +192,11 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
                 for variant in VARIANTS:
                     task.advance()
                     if variant == "pipeline_int8":
-                        shipped = _shipped(run_dir, lower, backend, Path(tmp), host)
-                        if shipped is not None:
-                            artifacts[backend, variant] = shipped
+                        shipped = _shipped(lower, backend)
+                        if shipped:
+                            artifacts[backend, variant] = run_dir / "04-lower" / shipped["artifact"]
                             continue
                     profile = load_profile(f"{PROFILES[backend]}-{'fp32' if variant == 'fp32_teacher' else 'int8'}")
-                    profile = profile.model_copy(update={"platform": host})
                     folder = Path(tmp) / f"{backend}-{variant}"
                     folder.mkdir()
                     artifacts[backend, variant] = get_backend(backend).export(
@@ -228,9 +228,10 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
     ptq_only = not (recipe["prune"]["enabled"] or recipe["distill"]["enabled"])
     ceiling = lower["float"].get("int8_weights_only_test_metric")
     for backend, by in backends.items():
-        shipped = [t for t in lower["targets"].values() if t.get("backend") == backend and t.get("precision") == "int8"]
-        by["pipeline_int8"]["float_layers"] = shipped[0].get("float_layers", []) if shipped else []
-        by["pipeline_int8"]["fallback_exports"] = shipped[0].get("fallback_exports", 1) if shipped else None
+        shipped = _shipped(lower, backend)
+        by["pipeline_int8"]["float_layers"] = shipped.get("float_layers", [])
+        by["pipeline_int8"]["fallback_exports"] = shipped.get("fallback_exports", 1) if shipped else None
+        by["pipeline_int8"]["fallback"] = shipped.get("fallback")
         by["pipeline_int8"]["targets"] = check_targets(by, ptq_only, ceiling,
                                                        sum(v for v in stage_seconds.values() if v is not None))
     return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": backends,
@@ -290,8 +291,7 @@ def to_markdown(doc: dict) -> str:
                     f"{ratio.get('size', 1):.3f} | {ratio.get('p50_1_thread', 1):.3f} | "
                     f"{ratio.get(f'p50_{c}_threads', 1):.3f} |")
         lines += ["", "Float fallback of (3): " + "; ".join(
-            f"{b}: {', '.join(by['pipeline_int8'].get('float_layers') or []) or 'none'} "
-            f"({by['pipeline_int8'].get('fallback_exports') or 1} export(s))" for b, by in r["backends"].items()) + ".",
+            f"{b}: {_fallback_words(by['pipeline_int8'])}" for b, by in r["backends"].items()) + ".",
             "", "Targets for (3):", "", "| backend | target | value | met |", "|---|---|---|---|"]
         for backend, by in r["backends"].items():
             for t in by["pipeline_int8"]["targets"]:

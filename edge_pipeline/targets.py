@@ -6,6 +6,7 @@ to a ``.yaml`` file works too.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
@@ -94,7 +95,28 @@ def list_profiles() -> list[Profile]:
     return list(seen.values())
 
 
+_ORT_PLATFORM: list[str] = []  # set by ``ort_files_for``
+
+
+@contextmanager
+def ort_files_for(platform: str):
+    """Within: every ONNX Runtime profile builds its ORT file for ``platform``. ``bench`` times on this machine,
+    and an ORT file optimized (and, on x86, quantized) for another platform would measure the mismatch."""
+    _ORT_PLATFORM.append(platform)
+    try:
+        yield
+    finally:
+        _ORT_PLATFORM.pop()
+
+
 def load_profile(name: str, where: str | None = None) -> Profile:
+    profile = _load_profile(name, where)
+    if _ORT_PLATFORM and profile.backend == "onnxruntime":
+        profile = profile.model_copy(update={"platform": _ORT_PLATFORM[-1]})
+    return profile
+
+
+def _load_profile(name: str, where: str | None = None) -> Profile:
     path = Path(name)
     if not (name.endswith((".yaml", ".yml")) and path.is_file()):
         found = [d / f"{name}.yaml" for d in profile_dirs() if (d / f"{name}.yaml").is_file()]

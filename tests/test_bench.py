@@ -65,6 +65,17 @@ def test_ort_platform_and_the_note_for_a_file_built_for_another_one():
     assert platform_notes(ort_arm, "aarch64") == []
     assert "optimized for arm, measured on x86_64" in platform_notes(ort_arm, "x86_64")[0]
     assert platform_notes(load_profile("tflite-int8"), "x86_64") == []
+    assert load_profile("ort-x86-int8").platform == "amd64" and platform_notes(load_profile("ort-x86-int8"),
+                                                                                "x86_64") == []
+
+
+def test_bench_builds_ort_files_for_the_machine_that_times_them():
+    from edge_pipeline.targets import load_profile, ort_files_for
+
+    with ort_files_for("amd64"):
+        assert load_profile("ort-mobile-int8").platform == "amd64"
+        assert load_profile("tflite-int8").platform == "arm"  # only ORT bakes a platform in
+    assert load_profile("ort-mobile-int8").platform == "arm"
 
 
 @pytest.mark.slow
