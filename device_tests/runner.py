@@ -185,6 +185,14 @@ def _peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
+def _rss_bytes() -> int | None:
+    """Resident set of this process now (VmRSS), or None where /proc is not there."""
+    for line in (_read("/proc/self/status") or "").splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
 def _read(path: str) -> str | None:
     try:
         with open(path) as f:
@@ -244,14 +252,26 @@ def pin_to_one_core() -> None:
         pass  # no affinity API here (macOS): run unpinned; conditions.cpu_affinity says so
 
 
+def model_memory(before: int | None, loaded: int | None, ran: int | None) -> dict:
+    """The model's own memory: resident set after loading it and after the timed runs, less the resident set
+    before loading (Python, numpy, the runtime's library and the inputs already in). The process's peak
+    (peak_rss_bytes) is mostly the harness: hundreds of MB for the torch import ExecuTorch's Python API needs."""
+    if before is None or loaded is None or ran is None:
+        return {"model_bytes": None, "source": "not measured: no /proc/self/status here"}
+    return {"model_bytes": max(loaded, ran) - before, "after_load_bytes": loaded - before,
+            "source": "runner: resident set after load and runs minus before load"}
+
+
 def measure(model_path: str, x: list[np.ndarray], threads: int = 1, runs: int = 50,
             warmup: int = 5, pin: bool = False) -> tuple[dict, list[np.ndarray]]:
     if pin and threads == 1:
         pin_to_one_core()
     _import_runtime(model_path)
+    rss_before = _rss_bytes()  # runtime imported and inputs loaded: what follows is the model's
     t0 = time.perf_counter()
     model = Model(model_path, threads)
     init_ms = (time.perf_counter() - t0) * 1e3
+    rss_loaded = _rss_bytes()
     row = [a[:1] for a in x]
     t0 = time.perf_counter()
     model.run(row)
@@ -263,12 +283,14 @@ def measure(model_path: str, x: list[np.ndarray], threads: int = 1, runs: int = 
         t0 = time.perf_counter()
         model.run(row)
         times.append((time.perf_counter() - t0) * 1e3)
+    rss_ran = _rss_bytes()
     per_row = [model.run([a[i:i + 1] for a in x]) for i in range(len(x[0]))]
     outputs = [np.concatenate([r[k] for r in per_row]) for k in range(len(per_row[0]))]
     result = {"artifact": os.path.basename(model_path), "size_bytes": os.path.getsize(model_path),
               "runtime": model.runtime_name, "runtime_version": model.runtime_version,
               "init_ms": init_ms, "first_inference_ms": first_ms, "latency": latency_stats(times),
-              "peak_rss_bytes": _peak_rss_bytes(), "conditions": conditions(threads), "samples": len(x[0])}
+              "memory": model_memory(rss_before, rss_loaded, rss_ran), "peak_rss_bytes": _peak_rss_bytes(),
+              "conditions": conditions(threads), "samples": len(x[0])}
     return result, outputs
 
 

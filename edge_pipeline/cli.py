@@ -249,7 +249,7 @@ def _print_targets(con: Console, results: dict, title: str) -> None:
     """Targets x devices: the figures that decide a release, then each note once, below the table (a note
     in a cell would wrap the table on a narrow terminal)."""
     table = Table(title=title)
-    for col in ("target", "device", "size (B)", "p50 ms", "peak RSS MB", "test metric", "status"):
+    for col in ("target", "device", "size (B)", "p50 ms", "model MB", "test metric", "status"):
         table.add_column(col)
     notes: list[str] = []
     for target, by in results.items():
@@ -267,8 +267,9 @@ def _print_targets(con: Console, results: dict, title: str) -> None:
             acc = m.get("test_metric")
             score = "" if acc is None else f"{m.get('metric', '')} {acc:.4f}"
             status += " " + " ".join(marks) if marks else ""
+            model_mb = (m.get("memory") or {}).get("model_bytes")
             table.add_row(target, device, str(m["size_bytes"]), f"{m['latency']['p50_ms']:.3f}",
-                          f"{m['peak_rss_bytes'] / 2**20:.0f}", score, status)
+                          "" if model_mb is None else f"{model_mb / 2**20:.1f}", score, status)
     con.print(table)
     for i, note in enumerate(notes, 1):
         con.print(f"({i}) {note}", style="yellow", highlight=False)

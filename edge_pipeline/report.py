@@ -71,15 +71,19 @@ def _device_bars(results: dict) -> str | None:
     rows = [(t, d, m) for t, by in results.items() for d, m in by.items() if "latency" in m]
     if not rows:
         return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(14, 3.8))
+    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(16, 3.8))
     labels = [f"{t}\n@{d}" for t, d, _ in rows]
     a1.bar(range(len(rows)), [m["latency"]["p50_ms"] for _, _, m in rows], color="#dd8452")
     a1.set_title("p50 latency (ms)")
     a2.bar(range(len(rows)), [m["size_bytes"] for _, _, m in rows], color="#55a868")
     a2.set_title("size (bytes)")
-    for ax in (a1, a2):
+    memory = [(m.get("memory") or {}).get("model_bytes") for _, _, m in rows]
+    a3.bar(range(len(rows)), [0 if b is None else b / 2**20 for b in memory], color="#8172b3")
+    a3.set_title("model memory (MB): resident set\nafter load and runs, less before load")
+    for ax in (a1, a2, a3):
         ax.set_xticks(range(len(rows)), labels, rotation=35, ha="right", fontsize=7)
-    return _figure("Latency and size per target × device", fig)
+    return _figure("Latency, size and the model's own memory per target × device (not the harness's: the "
+                   "runtime's import is counted before the model loads)", fig)
 
 
 def _scatter(results: dict, metric: str) -> str | None:

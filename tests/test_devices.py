@@ -128,3 +128,18 @@ def test_runner_pins_a_one_thread_run_to_one_core(lowered, tmp_path):
         subprocess.run([sys.executable, str(RUNNER_PATH), str(artifact), str(inputs), str(tmp_path / "r.json"),
                         "--runs", "3", "--warmup", "0", *flags], check=True, capture_output=True)
         assert len(json.loads((tmp_path / "r.json").read_text())["conditions"]["cpu_affinity"]) == cores
+
+
+def test_memory_is_the_models_own_not_the_harness(digits, tmp_path):
+    """ExecuTorch's Python API imports torch: the runner process peaks at hundreds of MB whatever the model.
+    The figure reported is the model's: resident set after load and runs, less before load."""
+    from edge_pipeline.stages.lower import lower_all
+    from edge_pipeline.targets import load_profile
+
+    model = _model()
+    profiles = [load_profile("executorch-xnnpack-int8")]
+    metrics = lower_all(model, profiles, evaluator_for(model, digits), digits.train.x[:64], tmp_path)
+    m = _test((tmp_path, metrics, profiles), digits, ["local"])["results"]["executorch-xnnpack-int8"]["local"]
+    assert m["peak_rss_bytes"] > 100 * 2**20, "the harness: torch imported"
+    assert 0 < m["memory"]["model_bytes"] < 16 * 2**20, m["memory"]
+    assert m["memory"]["source"].startswith("runner: resident set after load")

@@ -29,12 +29,21 @@ def test_zoo_models_lower_to_all_three_runtimes_in_int8(digits, zoo, tmp_path):
         assert (tmp_path / t["artifact"]).is_file()
         assert (tmp_path / name / "describe.json").is_file()
     assert result["targets"]["executorch-xnnpack-int8"]["describe"]["delegated_subgraphs"] >= 1
-    assert (tmp_path / "executorch-xnnpack-int8" / "model.bpte").is_file()
+    bundled_program_checks_out(tmp_path / "executorch-xnnpack-int8" / "model.bpte")
     assert (tmp_path / "ort-mobile-int8" / "required_operators.config").is_file()
     assert (tmp_path / "ort-mobile-int8" / "test_data_set_0" / "input_0.pb").is_file()
     tfl = result["targets"]["tflite-int8"]["describe"]
     assert tfl["quantized_io"]["inputs"]["x"]["scale"] > 0 and tfl["inputs"][0]["dtype"] == "int8"
     assert (tmp_path / "tflite-int8" / "input_0.raw").stat().st_size == 64  # 1x1x8x8 int8
+
+
+def bundled_program_checks_out(path):
+    """ExecuTorch's own bundled-program check, as executor_runner --bundleio runs it on a device."""
+    from executorch.extension.pybindings import portable_lib as et
+
+    # Runs test case 0's inputs through the program and raises if an output is off its expected value.
+    et._load_bundled_program_from_buffer(path.read_bytes()).verify_result_with_bundled_expected_output(
+        "forward", 0, 1e-4, 1e-5)
 
 
 @torch.library.custom_op("edgetest::mystery", mutates_args=())

@@ -57,11 +57,11 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     prog = edge.to_executorch()
     path = out_dir / f"model{SUFFIX}"
     path.write_bytes(prog.buffer)
-    if fixtures:
-        _write_bundled(prog, example, model, out_dir)
     info = {"backend": "executorch", "delegate": "XnnpackBackend", "delegated_subgraphs": delegated,
             "portable_ops": portable, "float_layers": list(float_layers), **iface.to_dict(), "quantized_io": None}
     (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
+    if fixtures:
+        write_fixtures(path, example, iface)
     return path
 
 
@@ -95,18 +95,21 @@ def _export_for_xnnpack(model: nn.Module, example: tuple[torch.Tensor, ...]) -> 
     return torch.export.export(gm, example)
 
 
-def _write_bundled(prog, example: tuple[torch.Tensor, ...], model, out_dir: Path) -> None:
-    """A BundledProgram (.bpte): the program plus golden inputs and expected outputs for executor_runner."""
+def write_fixtures(path: Path, example: tuple[torch.Tensor, ...], iface: ModelInterface) -> None:
+    """A BundledProgram (.bpte) beside the .pte: the program plus golden inputs and the outputs this machine's
+    ExecuTorch runtime gives for them, which executor_runner --bundleio checks a device against. Written only
+    for the artifact lower ships, from the file alone."""
     from executorch.devtools import BundledProgram
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
     from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
 
-    with torch.no_grad():
-        expected = list(model(*example))
-    suite = MethodTestSuite(method_name="forward",
-                            test_cases=[MethodTestCase(inputs=list(example), expected_outputs=expected)])
-    bundled = BundledProgram(prog, [suite])
-    (out_dir / "model.bpte").write_bytes(serialize_from_bundled_program_to_flatbuffer(bundled))
+    from edge_pipeline.devices.runner import load_runner
+
+    expected = load_runner().Model(str(path), 1).run([t.numpy() for t in example])
+    case = MethodTestCase(inputs=list(example), expected_outputs=[torch.from_numpy(np.asarray(y)) for y in expected])
+    bundled = BundledProgram(None, [MethodTestSuite(method_name="forward", test_cases=[case])],
+                             pte_file_path=str(path))
+    (Path(path).parent / "model.bpte").write_bytes(serialize_from_bundled_program_to_flatbuffer(bundled))
 
 
 def describe(path: Path) -> dict:

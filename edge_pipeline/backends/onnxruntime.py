@@ -91,13 +91,20 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
         _float_onnx(model, example, final, iface)
     _strip_build_paths(final)
     to_ort(final, out_dir, profile.platform)
-    if fixtures:
-        _write_test_data(final, example, out_dir, iface)
-        (out_dir / "mobile_usability.txt").write_text(_mobile_usability(final))
     shutil.rmtree(build)
     seven_bit = profile.precision == "int8" and not default_flow and reduces_range(profile)
     (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers, seven_bit), indent=1))
+    if fixtures:
+        write_fixtures(out_dir / f"model{SUFFIX}", example, iface)
     return out_dir / f"model{SUFFIX}"
+
+
+def write_fixtures(path: Path, example: tuple[torch.Tensor, ...], iface: ModelInterface) -> None:
+    """Beside the .ort: test_data_set_0 (golden I/O for onnxruntime_perf_test) and ORT's mobile usability
+    report, from the model.onnx kept with it. Written only for the artifact lower ships."""
+    onnx_path = Path(path).with_suffix(".onnx")
+    _write_test_data(onnx_path, example, onnx_path.parent, iface)
+    (onnx_path.parent / "mobile_usability.txt").write_text(_mobile_usability(onnx_path))
 
 
 def layer_errors(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],

@@ -51,13 +51,15 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     info = _describe(path, iface, float_layers)
     (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
     if fixtures:
-        _write_raw_inputs(example, info, out_dir)
+        write_fixtures(path, example, iface)
     return path
 
 
-def _write_raw_inputs(example: tuple[torch.Tensor, ...], info: dict, out_dir: Path) -> None:
-    """input_<i>.raw for benchmark_model --input_layer_value_files, each in the model's own input dtype."""
-    for i, (t, spec) in enumerate(zip(example, info["inputs"], strict=True)):
+def write_fixtures(path: Path, example: tuple[torch.Tensor, ...], iface: ModelInterface) -> None:
+    """input_<i>.raw for benchmark_model --input_layer_value_files, each in the model's own input dtype (and
+    int8 scale where its inputs are quantized). Written only for the artifact lower ships."""
+    out_dir = Path(path).parent
+    for i, (t, spec) in enumerate(zip(example, describe(path)["inputs"], strict=True)):
         x, q = t.numpy(), spec.get("quantization")
         if q:
             x = np.clip(np.round(x / q["scale"] + q["zero_point"]), -128, 127)

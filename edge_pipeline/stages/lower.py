@@ -120,7 +120,9 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     def build(float_layers, folder: Path = tdir) -> tuple[Path, dict]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        path = backend.export(model, example, calibration, profile, folder, iface, float_layers=float_layers)
+        # Golden-I/O fixtures come once, for the build that ships (below), not for every trial.
+        path = backend.export(model, example, calibration, profile, folder, iface, float_layers=float_layers,
+                              fixtures=False)
         return path, evaluate(path, ref, profile)
 
     def better(a: float, b: float) -> bool:
@@ -177,6 +179,7 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
             if missed(metrics):
                 metrics["fallback_exhausted"] = True
             metrics["fallback_exports"] = exports
+    backend.write_fixtures(path, example, iface)
     if errors:
         metrics["layer_error_db"] = errors
     if float_layers:

@@ -165,7 +165,8 @@ def _device_brief(m: dict) -> dict:
         return {"error": m["error"]}
     return {"p50_ms": m["latency"]["p50_ms"], "p90_ms": m["latency"].get("p90_ms"), "cv": m["latency"].get("cv"),
             "unstable": m["latency"].get("unstable"), "init_ms": m.get("init_ms"),
-            "peak_rss_bytes": m.get("peak_rss_bytes"), "metric": m.get("metric"), "test_metric": m.get("test_metric"),
+            "memory": m.get("memory"), "peak_rss_bytes": m.get("peak_rss_bytes"), "metric": m.get("metric"),
+            "test_metric": m.get("test_metric"),
             "metric_drop": m.get("metric_drop"), "agreement_with_teacher": (m.get("agreement_with_teacher") or {})
             .get("worst"), "conditions": m.get("conditions"),
             "runtime": f"{m.get('runtime')} {m.get('runtime_version')}", "failures": m.get("failures")}
