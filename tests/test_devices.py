@@ -30,19 +30,36 @@ def test_parse_benchmark_model():
     assert m["init_ms"] == pytest.approx(12.75) and m["first_inference_ms"] == pytest.approx(14.744)
     assert m["latency"]["mean_ms"] == pytest.approx(13.5202) and m["latency"]["runs"] == 74
     assert m["latency"]["std_ms"] == pytest.approx(0.47)
-    assert m["peak_memory_bytes"] == int(18.7227 * 2 ** 20)
+    assert m["memory"]["model_bytes"] == int(18.7227 * 2 ** 20)
+    assert "p50_ms" not in m["latency"], "benchmark_model prints no percentiles: rounds give the p50"
 
 
 def test_parse_onnxruntime_perf_test():
     m = parse_onnxruntime_perf_test((FIXTURES / "onnxruntime_perf_test.txt").read_text())
     assert m["init_ms"] == pytest.approx(60.94) and m["latency"]["mean_ms"] == pytest.approx(84.3236)
     assert m["latency"]["p50_ms"] == pytest.approx(83.9571) and m["latency"]["p99_ms"] == pytest.approx(87.2244)
-    assert m["latency"]["runs"] == 10 and m["peak_memory_bytes"] == 158171136
+    assert m["latency"]["runs"] == 10 and m["memory"]["model_bytes"] == 158171136
+    assert m["latency"]["p50_basis"] == "P50 the tool printed"
 
 
 def test_parse_executor_runner():
-    m = parse_executor_runner((FIXTURES / "executor_runner.txt").read_text())
-    assert m["latency"]["runs"] == 50 and m["latency"]["mean_ms"] == pytest.approx(51.612 / 50)
+    text = (FIXTURES / "executor_runner.txt").read_text()
+    m = parse_executor_runner(text)
+    assert m["latency"]["runs"] == 5 and m["latency"]["p50_ms"] == pytest.approx(1.01)
+    assert m["latency"]["mean_ms"] == pytest.approx(5.24 / 5) and m["init_ms"] == pytest.approx(0.569)
+    assert m["memory"]["planned_bytes"] == 2048 and m["bundled_io"] == {
+        "ok": True, "max_absolute_error": 0.00048, "mean_absolute_error": 0.00012, "max_relative_error": 0.00009}
+    # An older build prints the total only: the mean stands, and nothing claims a p50.
+    old = "\n".join(ln for ln in text.splitlines() if "Iteration" not in ln)
+    assert parse_executor_runner(old)["latency"] == {"mean_ms": pytest.approx(1.048), "runs": 5}
+
+
+def test_p50_of_a_tool_that_prints_only_means_is_the_median_of_invocations():
+    from edge_pipeline.devices.adb import median_of_rounds
+
+    rounds = [{"latency": {"mean_ms": v, "runs": 10}} for v in (3.0, 1.0, 2.0, 9.0, 2.5)]
+    lat = median_of_rounds(rounds)["latency"]
+    assert lat["p50_ms"] == 2.5 and lat["runs"] == 50 and lat["p50_basis"].startswith("median of 5 invocations")
 
 
 @pytest.mark.parametrize("parser", [parse_benchmark_model, parse_onnxruntime_perf_test, parse_executor_runner])
@@ -81,8 +98,15 @@ def _test(lowered, digits, devices, timeout=120):
                         timeout=timeout)
 
 
-def test_local_device_measures_every_target(lowered, digits):
+def test_local_device_measures_every_target(lowered, digits, monkeypatch):
+    from edge_pipeline.devices import LocalDevice
+
+    pushed = []
+    real_push = LocalDevice.push
+    monkeypatch.setattr(LocalDevice, "push", lambda self, files: (pushed.extend(f.name for f in files),
+                                                                  real_push(self, files)))
     res = _test(lowered, digits, ["local"])
+    assert pushed.count("runner.py") == 1 and pushed.count("eval_inputs.npz") == 1, "once per device, not per target"
     for target in ("ort-mobile-fp32", "tflite-fp32"):
         m = res["results"][target]["local"]
         assert "error" not in m, m
@@ -143,3 +167,83 @@ def test_memory_is_the_models_own_not_the_harness(digits, tmp_path):
     assert m["peak_rss_bytes"] > 100 * 2**20, "the harness: torch imported"
     assert 0 < m["memory"]["model_bytes"] < 16 * 2**20, m["memory"]
     assert m["memory"]["source"].startswith("runner: resident set after load")
+
+
+STANDIN = Path(__file__).parent / "adb_standin"
+
+
+@pytest.fixture
+def adb_phone(tmp_path, monkeypatch):
+    """An adb device spec served by the test double in tests/adb_standin (the "phone" is a folder here), with
+    the three runtimes' benchmark tools given by their paths on this machine, as a user gives real ones."""
+    import os
+    import sys
+
+    monkeypatch.setenv("ADB_STANDIN_ROOT", str(tmp_path / "phone"))
+    monkeypatch.setenv("ADB_STANDIN_SERIAL", "standin-1")
+    monkeypatch.setenv("PATH", os.pathsep.join([str(STANDIN), str(Path(sys.executable).parent), os.environ["PATH"]]))
+    tools = "&".join(f"{t}={STANDIN / t}" for t in ("executor_runner", "onnxruntime_perf_test", "benchmark_model"))
+    return f"adb://standin-1?{tools}", tmp_path / "phone"
+
+
+@pytest.fixture(scope="module")
+def lowered_int8(tmp_path_factory, digits):
+    from edge_pipeline.stages.lower import lower_all
+    from edge_pipeline.targets import load_profile
+
+    out = tmp_path_factory.mktemp("lowered-int8")
+    profiles = [load_profile(p) for p in ("executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8")]
+    model = _model()
+    return out, lower_all(model, profiles, evaluator_for(model, digits), digits.train.x[:64], out), profiles
+
+
+def test_adb_runs_each_runtimes_own_tool_and_reports_p50(lowered_int8, digits, adb_phone):
+    spec, phone = adb_phone
+    res = _test(lowered_int8, digits, [spec, "local"])  # two devices, measured in parallel
+    assert res["unreachable_devices"] == {}
+    assert all(res["results"][t]["local"]["agreement_with_teacher"]["worst"]["cosine"] > 0.9
+               for t in res["results"]), "local: the whole evaluation split, scored here"
+    by = {t: res["results"][t][spec] for t in ("executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8")}
+    for target, m in by.items():
+        assert "error" not in m, (target, m)
+        lat = m["latency"]
+        assert lat["p50_ms"] > 0 and lat["mean_ms"] > 0 and m["init_ms"] > 0 and lat["p50_basis"], (target, lat)
+        assert "golden input only" in m["accuracy"] and m["conditions"]["threads"] == 1
+        assert "source" in m["memory"]
+    et = by["executorch-xnnpack-int8"]
+    assert et["runtime"] == "executor_runner" and et["latency"]["runs"] == 5, et["latency"]
+    assert et["bundled_io"]["ok"] and et["golden_parity"]["cosine"] > 0.9999, et
+    assert by["ort-mobile-int8"]["latency"]["p50_basis"] == "P50 the tool printed"
+    assert by["ort-mobile-int8"]["memory"]["model_bytes"] > 0
+    assert by["tflite-int8"]["latency"]["p50_basis"].startswith("median of 5 invocations")
+    assert by["tflite-int8"]["memory"]["model_bytes"] is not None
+    # An arm-optimized ORT file measured on this (x86) stand-in says its latency is not the target's.
+    assert by["ort-mobile-int8"]["notes"] or not by["ort-mobile-int8"]["conditions"]["arch"].startswith("x86")
+    assert not any(phone.rglob("*.pte")) and not any(phone.rglob("*.bpte")), "the phone is cleaned up"
+
+
+def test_adb_reports_a_failed_bundled_check_and_a_missing_tool(lowered_int8, digits, adb_phone, tmp_path):
+    """A program whose recorded outputs do not match what the phone computes fails its target; a tool not
+    given in the spec fails that target only, saying which key to add."""
+    import shutil
+
+    import torch
+    from executorch.devtools import BundledProgram
+    from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
+    from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
+
+    out, metrics, profiles = lowered_int8
+    copy = tmp_path / "lowered"
+    shutil.copytree(out, copy)
+    pte = copy / "executorch-xnnpack-int8" / "model.pte"
+    wrong = MethodTestCase(inputs=[torch.from_numpy(digits.test.x[:1])], expected_outputs=[torch.full((1, 10), 9.0)])
+    (pte.parent / "model.bpte").write_bytes(serialize_from_bundled_program_to_flatbuffer(
+        BundledProgram(None, [MethodTestSuite(method_name="forward", test_cases=[wrong])], pte_file_path=str(pte))))
+    spec, _ = adb_phone
+    spec = spec.split("&benchmark_model=")[0]
+    res = _test((copy, metrics, profiles), digits, [spec])
+    et = res["results"]["executorch-xnnpack-int8"][spec]
+    assert any("bundled-IO check failed" in f for f in et["failures"]), et
+    tfl = res["results"]["tflite-int8"][spec]
+    assert "no benchmark_model binary given" in tfl["error"] and "?benchmark_model=PATH" in tfl["error"]
+    assert "executorch-xnnpack-int8" in res["failed_targets"] and "ort-mobile-int8" not in res["failed_targets"]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +24,10 @@ from edge_pipeline.targets import Profile, load_profile, platform_notes
 
 
 def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, runs: int,
-                      warmup: int, pin: bool = False) -> tuple[dict, list[np.ndarray]]:
-    device.push([RUNNER_PATH, artifact, inputs_npz])
+                      warmup: int, pin: bool = False, harness_pushed: bool = False) -> tuple[dict, list[np.ndarray]]:
+    """The standalone runner on the device: the artifact (and, unless ``harness_pushed``, the runner and the
+    inputs, which a device needs only once for all its targets) go over, the timings and outputs come back."""
+    device.push([artifact] if harness_pushed else [RUNNER_PATH, artifact, inputs_npz])
     argv = [device.python, RUNNER_PATH.name, artifact.name, inputs_npz.name, "result.json", "--threads", str(threads),
             "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz"] + (["--pin"] if pin else [])
     code, out, err = device.run(argv, f"run {artifact.name}")
@@ -39,9 +43,39 @@ def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, ru
     return result, outputs
 
 
+def measure_with_tool(device, profile: Profile, artifact: Path, ev: Evaluator, threads: int, runs: int,
+                      warmup: int) -> dict:
+    """A phone over adb: the runtime's own benchmark binary on the golden input. The outputs the tool writes
+    (ExecuTorch's) are compared with this machine's run of the same artifact on the same input."""
+    from edge_pipeline.evaluation import agreement, run_artifact
+    from edge_pipeline.sources.data import ArraySplit
+
+    m, outputs = device.benchmark(profile.backend, artifact.parent, threads, runs, warmup)
+    m["size_bytes"] = artifact.stat().st_size
+    m["accuracy"] = ("golden input only: the runtime's own tool runs one input, not the evaluation split "
+                     "(the split's accuracy is the lower stage's, on this machine's runtime)")
+    if outputs:
+        host = run_artifact(artifact, ArraySplit(ev.data.test.rows(np.arange(1)), None), threads)
+        m["golden_parity"] = agreement(outputs, host, ev.names)["worst"]
+    return m
+
+
 def write_inputs(path: Path, split) -> None:
     """The split's inputs as the runner reads them (``input_0``, ``input_1``, ...)."""
     load_runner().save_inputs(path, split.rows(np.arange(len(split))))
+
+
+def tool_failures(m: dict, profile: Profile) -> list[str]:
+    """What a benchmark tool's own checks say: ExecuTorch's bundled program compares the device's outputs with
+    those recorded at lowering; the pulled outputs are held to the profile's parity cosine."""
+    out = []
+    if (m.get("bundled_io") or {}).get("ok") is False:
+        out.append(f"bundled-IO check failed on the device: {m['bundled_io']}")
+    parity = m.get("golden_parity")
+    if parity and parity["cosine"] < profile.budgets.parity.min_cosine:
+        out.append(f"golden-input outputs differ from this machine's run: cosine {parity['cosine']:.5f} < "
+                   f"{profile.budgets.parity.min_cosine}")
+    return out
 
 
 def check_budgets(profile: Profile, m: dict) -> list[str]:
@@ -63,39 +97,61 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
         write_inputs(inputs, ev.data.test)
         with progress.task("device tests", total=len(profiles) * len(devices)) as task:
 
-            def record(target: str, device_spec: str, m: dict) -> None:
-                results.setdefault(target, {})[device_spec] = m
-                if ("error" in m or m.get("failures")) and not m.get("unreachable"):
-                    failed.add(target)
-                task.advance()
+            lock = threading.Lock()
 
-            for dev_spec in devices:
+            def record(target: str, device_spec: str, m: dict) -> None:
+                with lock:
+                    results.setdefault(target, {})[device_spec] = m
+                    if ("error" in m or m.get("failures")) and not m.get("unreachable"):
+                        failed.add(target)
+                    task.advance()
+
+            def test_device(dev_spec: str) -> None:
                 try:
                     device = open_device(parse_device(dev_spec), timeout)
                 except PipelineError as e:
                     unreachable[dev_spec] = str(e)
                     for p in profiles:
                         record(p.name, dev_spec, {"error": str(e), "unreachable": True})
-                    continue
+                    return
                 try:
+                    uses_tools = device.spec.kind == "adb"
+                    if uses_tools:
+                        abi = device.info().get("abi")
+                    else:
+                        device.push([RUNNER_PATH, inputs])  # once per device, for all its targets
                     for p in profiles:
                         task.advance(0, f"{p.name} on {dev_spec}")
                         tm = lower_metrics["targets"].get(p.name, {})
                         if "artifact" not in tm:
                             record(p.name, dev_spec, {"error": "not lowered"})
                             continue
+                        artifact = lower_dir / tm["artifact"]
                         try:
-                            m, outputs = measure_on_device(device, lower_dir / tm["artifact"], inputs,
-                                                           threads or p.threads, runs, warmup)
-                            m.update(ev.figures(outputs, "test"))
-                            m["metric_drop"] = ev.metric.drop(m["test_metric"], float_metric)
-                            m["failures"] = check_budgets(p, m)
+                            if uses_tools:
+                                m = measure_with_tool(device, p, artifact, ev, threads or p.threads, runs, warmup)
+                                m["conditions"] = {"arch": abi, "threads": threads or p.threads}
+                                m["failures"] = check_budgets(p, m) + tool_failures(m, p)
+                            else:
+                                m, outputs = measure_on_device(device, artifact, inputs, threads or p.threads, runs,
+                                                               warmup, harness_pushed=True)
+                                m.update(ev.figures(outputs, "test"))
+                                m["metric_drop"] = ev.metric.drop(m["test_metric"], float_metric)
+                                m["failures"] = check_budgets(p, m)
                             m["notes"] = platform_notes(p, m["conditions"].get("arch"))
                         except PipelineError as e:
                             m = {"error": str(e), "failures": [str(e)]}
                         record(p.name, dev_spec, m)
                 finally:
                     device.close()
+
+            # Devices are measured in parallel, each on its own; a device's targets one after another. One
+            # device runs in this thread, where a signal (Ctrl-C, SIGTERM) stops it at once.
+            if len(devices) == 1:
+                test_device(devices[0])
+            else:
+                with ThreadPoolExecutor(max_workers=len(devices)) as pool:
+                    list(pool.map(test_device, devices))
     return {"results": results, "failed_targets": sorted(failed), "unreachable_devices": unreachable,
             "metric": ev.metric.name,
             "float_test_metric": float_metric}
