@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/digits.yaml
 
-.PHONY: install demo test test-fast bench lint clean
+.PHONY: install demo test test-fast bench lint clean arm-board
 
 install: $(STAMP)
 
@@ -26,6 +26,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml recipes/efficientnet-lite0.yaml --out BENCHMARKS.md
+
+# An emulated arm64 board (qemu-user) in .arm-board/, for tests/test_arm_board.py; needs root.
+arm-board: $(STAMP)
+	bash scripts/arm-board.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check edge_pipeline tests device_tests

@@ -211,7 +211,9 @@ def conditions(threads: int) -> dict:
     return {"arch": platform.machine(), "os": f"{platform.system()} {platform.release()}",
             "python": platform.python_version(), "cores": os.cpu_count(), "threads": threads,
             "cpu_affinity": affinity, "cpu_governor": _read(cpu + "scaling_governor"),
-            "cpu_freq_khz": _read(cpu + "scaling_cur_freq"), "hostname": platform.node()}
+            "cpu_freq_khz": _read(cpu + "scaling_cur_freq"), "hostname": platform.node(),
+            # Set by an emulated board's python (scripts/arm-board.sh): its kernels are real, its clock is not.
+            "emulated": os.environ.get("EDGE_PIPELINE_EMULATED") or None}
 
 
 def latency_stats(times_ms: list[float]) -> dict:
@@ -229,18 +231,26 @@ def latency_stats(times_ms: list[float]) -> dict:
 RUNTIME_MODULES = {".pte": ("torch", "executorch.runtime"), ".onnx": ("onnxruntime",), ".ort": ("onnxruntime",)}
 
 
+class RuntimeMissing(Exception):
+    """The artifact's runtime cannot be imported on this device."""
+
+
 def _import_runtime(path: str) -> None:
     """Import the runtime before the clock starts: init time measures loading the model, not Python imports."""
     import importlib
 
     ext = os.path.splitext(path)[1]
-    for name in RUNTIME_MODULES.get(ext, ()):
-        importlib.import_module(name)
-    if ext == ".tflite":
-        try:
-            importlib.import_module("ai_edge_litert.interpreter")
-        except ImportError:
-            importlib.import_module("tflite_runtime.interpreter")
+    try:
+        for name in RUNTIME_MODULES.get(ext, ()):
+            importlib.import_module(name)
+        if ext == ".tflite":
+            try:
+                importlib.import_module("ai_edge_litert.interpreter")
+            except ImportError:
+                importlib.import_module("tflite_runtime.interpreter")
+    except (ImportError, OSError) as e:  # not installed, or a native library it needs is missing
+        raise RuntimeMissing(f"runtime not available on this board ({platform.machine()}): "
+                             f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
 
 
 def pin_to_one_core() -> None:
@@ -305,7 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outputs", help="write the outputs of every input row to this .npz")
     ap.add_argument("--pin", action="store_true", help="with --threads 1: pin the process to one core")
     a = ap.parse_args(argv)
-    result, outputs = measure(a.model, load_inputs(a.inputs), a.threads, a.runs, a.warmup, a.pin)
+    try:
+        result, outputs = measure(a.model, load_inputs(a.inputs), a.threads, a.runs, a.warmup, a.pin)
+    except RuntimeMissing as e:
+        print(e, file=sys.stderr)
+        return 3
     if a.outputs:
         save_outputs(a.outputs, outputs)
     with open(a.out_json, "w") as f:

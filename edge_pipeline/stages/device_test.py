@@ -139,6 +139,11 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                                 m["metric_drop"] = ev.metric.drop(m["test_metric"], float_metric)
                                 m["failures"] = check_budgets(p, m)
                             m["notes"] = platform_notes(p, m["conditions"].get("arch"))
+                            if m["conditions"].get("emulated"):
+                                m["emulated"] = True
+                                m["notes"].append(f"emulated {m['conditions']['arch']} board "
+                                                  f"({m['conditions']['emulated']}): outputs and accuracy are "
+                                                  "its ARM kernels', latency is not the board's")
                         except PipelineError as e:
                             m = {"error": str(e), "failures": [str(e)]}
                         record(p.name, dev_spec, m)
