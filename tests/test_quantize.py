@@ -269,3 +269,23 @@ def test_fallback_tries_only_layers_that_carry_the_noise():
     spread = {f"l{i}": 17.0 + i / 10 for i in range(50)}
     candidates, why = fallback_candidates(spread, 3)
     assert candidates == [] and "spread" in why and "'l0'" in why
+
+
+def test_one_float_export_serves_every_pt2e_build_until_the_model_changes(monkeypatch):
+    """ExecuTorch and LiteRT int8, the fallback's trials and the per-layer error share one torch.export; each
+    gets its own copy (prepare_pt2e folds BatchNorm into it), and a weight changed in place exports again."""
+    calls = []
+    real = pt2e._export_float
+    monkeypatch.setattr(pt2e, "_export_float", lambda m, c: (calls.append(1), real(m, c))[1])
+    model = FlatModel(ConvReLU6().eval())
+    cal = (np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32),)
+    a, batch = pt2e.export_for_calibration(model, cal)
+    b, _ = pt2e.export_for_calibration(model, cal)
+    assert len(calls) == 1 and batch == pt2e.CALIBRATION_BATCH
+    first = [p.data_ptr() for p in a.parameters()]
+    assert a is not b and first and not set(first) & {p.data_ptr() for p in b.parameters()}
+    with torch.no_grad():
+        model.model.c1.weight.mul_(2)
+    pt2e.export_for_calibration(model, cal)
+    pt2e.export_for_calibration(model, (cal[0].copy(),))
+    assert len(calls) == 3

@@ -39,10 +39,33 @@ def configure(base_config, profile: Profile):
 CALIBRATION_BATCH = 32
 
 
+_LAST_EXPORT: dict = {}  # the last float export, reused while the model and the representative set are the same
+
+
 def export_for_calibration(model: nn.Module, calibration: tuple[np.ndarray, ...]) -> tuple[torch.fx.GraphModule, int]:
-    """One ``torch.export`` of the float model with a dynamic batch, so the representative set runs in batches
-    (a batch-1 export rejects them); a model that will not export with a dynamic batch is calibrated row by
-    row. Returns the graph module and the batch size it takes."""
+    """The float model as a graph module with a dynamic batch, so the representative set runs in batches (a
+    batch-1 export rejects them); a model that will not export with a dynamic batch is calibrated row by row.
+    Returns a fresh copy of the graph module (prepare_pt2e changes it) and the batch size it takes.
+
+    One ``torch.export`` serves every PT2E build of a lower stage (ExecuTorch and LiteRT int8, the fallback's
+    trials, the per-layer error): it is reused while the model object, its parameters' in-place versions and
+    the representative set's arrays are the same."""
+    import copy
+    import weakref
+
+    state = [t._version for t in (*model.parameters(), *model.buffers())]
+    last = _LAST_EXPORT
+    if not (last and last["model"]() is model and last["state"] == state and len(last["calibration"]) ==
+            len(calibration) and all(a is b for a, b in zip(last["calibration"], calibration, strict=False))):
+        program, batch = _export_float(model, calibration)
+        # The arrays are held, so their ids cannot be reused by others while this entry stands.
+        last.clear()
+        last.update(model=weakref.ref(model), state=state, calibration=tuple(calibration), program=program,
+                    batch=batch)
+    return copy.deepcopy(last["program"].module()), last["batch"]
+
+
+def _export_float(model: nn.Module, calibration: tuple[np.ndarray, ...]) -> tuple[torch.export.ExportedProgram, int]:
     n = min(16, len(calibration[0]))
     if n >= 2:
         example = tuple(torch.from_numpy(a[:n]) for a in calibration)
@@ -50,11 +73,11 @@ def export_for_calibration(model: nn.Module, calibration: tuple[np.ndarray, ...]
         try:
             # FlatModel.forward(*inputs): one varargs parameter, whose spec is the tuple of per-input specs.
             ep = torch.export.export(model.eval(), example, dynamic_shapes=(tuple({0: batch} for _ in example),))
-            return ep.module(), CALIBRATION_BATCH
+            return ep, CALIBRATION_BATCH
         except Exception:  # noqa: BLE001 - shape-specialized models: fall back to batch 1
             pass
     example = tuple(torch.from_numpy(a[:1]) for a in calibration)
-    return torch.export.export(model.eval(), example).module(), 1
+    return torch.export.export(model.eval(), example), 1
 
 
 def quantize(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer,
