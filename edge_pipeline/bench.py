@@ -140,6 +140,43 @@ def check_targets(by: dict, ptq_only: bool = False, ceiling: float | None = None
     return targets
 
 
+def method_study(teacher: nn.Module, example, calibration, ev, tmp: Path) -> dict:
+    """Every calibration method each backend offers, on the fp32 teacher with the same representative set:
+    {backend: {method: {test_metric, top1_agreement, cosine, size_bytes, seconds}}}. The production stage
+    uses the method its profile names; this is where the choice is measured (batch 1, this machine)."""
+    from edge_pipeline.backends.onnxruntime import ORT_METHODS
+    from edge_pipeline.backends.pt2e import PT2E_METHODS
+    from edge_pipeline.evaluation import run_artifact
+
+    out: dict = {}
+    methods = {"executorch": PT2E_METHODS, "onnxruntime": tuple(ORT_METHODS), "tflite": PT2E_METHODS}
+    with progress.task("bench: calibration methods", total=sum(len(m) for m in methods.values())) as task:
+        for backend, names in methods.items():
+            base = load_profile(f"{PROFILES[backend]}-int8")
+            for method in names:
+                task.advance(0, f"{backend} {method}")
+                profile = base.model_copy(update={"quantization": base.quantization.model_copy(
+                    update={"method": method})})
+                folder = tmp / f"method-{backend}-{method}"
+                folder.mkdir()
+                started = time.perf_counter()
+                try:
+                    path = get_backend(backend).export(teacher, example, calibration, profile, folder, ev.iface,
+                                                       fixtures=False)
+                except Exception as e:  # noqa: BLE001 - a method a model cannot take is a row, not a crash
+                    out.setdefault(backend, {})[method] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                    task.advance()
+                    continue
+                seconds = time.perf_counter() - started
+                figures = ev.figures(run_artifact(path, ev.data.test), "test")
+                worst = figures["agreement_with_teacher"]["worst"]
+                out.setdefault(backend, {})[method] = {
+                    "test_metric": figures["test_metric"], "top1_agreement": worst.get("top1_agreement"),
+                    "cosine": worst["cosine"], "size_bytes": path.stat().st_size, "export_seconds": seconds}
+                task.advance()
+    return out
+
+
 def _fallback_words(ours: dict) -> str:
     fb = ours.get("fallback") or {}
     why = fb.get("not_tried") or fb.get("unsupported")
@@ -202,6 +239,7 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
                     artifacts[backend, variant] = get_backend(backend).export(
                         models[variant], example, calibration, profile, folder, iface,
                         default_flow=variant == "default_int8_teacher", fixtures=False)
+        methods = method_study(teacher, example, calibration, ev, Path(tmp))
         test_x = Path(tmp) / "test.npz"
         write_inputs(test_x, data.test)
         with progress.task(f"bench {recipe['name']}: time", total=ROUNDS * len(artifacts) * len(thread_counts)) as task:
@@ -237,7 +275,7 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": backends,
             "metric": ev.metric.name, "float_test_metric": float_metric, "int8_weights_only_test_metric": ceiling,
             "ptq_only": ptq_only, "timed_runs": runs, "test_rows": len(data.test),
-            "stage_seconds": stage_seconds, "cores": cores, "ort_platform": host}
+            "stage_seconds": stage_seconds, "cores": cores, "ort_platform": host, "calibration_methods": methods}
 
 
 def machine() -> dict:
@@ -298,6 +336,15 @@ def to_markdown(doc: dict) -> str:
                 note = f" (format floor alone: {t['floor']:.3f})" if "floor" in t else ""
                 met = "yes" if t["met"] else "NO"
                 lines.append(f"| {backend} | {t['target']} | {_fmt(t['value'])}{note} | {met} |")
+        if r.get("calibration_methods"):
+            lines += ["", "Calibration methods (int8 teacher, same representative set; the targets' profiles use "
+                      "minmax):", "", f"| backend | method | test {r.get('metric', 'metric')} | top-1 agree fp32 | "
+                      "cosine vs fp32 | size B | export s |", "|---|---|---|---|---|---|---|"]
+            for backend, by_method in r["calibration_methods"].items():
+                for method, v in by_method.items():
+                    lines.append(f"| {backend} | {method} | " + (f"error: {v['error']} | | | | |" if "error" in v else
+                                 f"{_fmt(v['test_metric'])} | {_fmt(v['top1_agreement'])} | {v['cosine']:.4f} | "
+                                 f"{v['size_bytes']} | {v['export_seconds']:.1f} |"))
         secs = ", ".join(f"{s} {v:.1f} s" for s, v in r["stage_seconds"].items() if v is not None)
         lines += ["", f"Pipeline wall time per stage (this run or the run it reused): {secs}.", ""]
     return "\n".join(lines) + "\n"

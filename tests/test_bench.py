@@ -96,6 +96,12 @@ def test_bench_measures_four_variants_per_backend(write_recipe, tmp_path, monkey
         assert by["fp32_teacher"]["threads_1"]["p50_ms"] > 0
         assert 0 < by["format_floor"]["format_overhead_bytes"] < by["pipeline_int8"]["size_bytes"]
         assert len(by["pipeline_int8"]["targets"]) == 5
+    # The calibration-method study lives here, not in the production stage: every method per backend.
+    methods = r["calibration_methods"]
+    assert set(methods["onnxruntime"]) == {"minmax", "moving_average", "percentile", "entropy"}
+    assert set(methods["executorch"]) == set(methods["tflite"]) == {"minmax", "moving_average", "histogram"}
+    assert all(0 < v["cosine"] <= 1.0001 and v["size_bytes"] > 0 for by in methods.values() for v in by.values())
     md = (tmp_path / "BENCH.md").read_text()
     assert "| executorch | pipeline_int8 |" in md and "cores" in md and "| onnxruntime | size (3)/(1)" in md
+    assert "| onnxruntime | entropy |" in md
     assert json.loads((tmp_path / "BENCH.json").read_text())["machine"]["cores"] >= 1
