@@ -86,3 +86,21 @@ def test_round_to_keeps_channel_counts_in_multiples(digits):
     convs = [m for m in res.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(c.out_channels % 8 == 0 for c in convs), [c.out_channels for c in convs]
     assert res.macs[1] <= 0.3 * res.macs[0] and any(c.out_channels < 64 for c in convs)
+
+
+def test_macs_count_subclassed_convs_like_their_base():
+    """EfficientNet writes its convs as a Conv2d subclass (same padding); torch-pruning's counter skipped them
+    (21.0M MACs for EfficientNet-Lite0 instead of ~405M), and MAC budgets and bench sizing read that figure."""
+    import numpy as np
+    from torch import nn
+
+    from edge_pipeline.modelstats import model_stats
+
+    class SamePadConv(nn.Conv2d):
+        def forward(self, x):
+            return super().forward(nn.functional.pad(x, (1, 1, 1, 1)))
+
+    plain = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+    custom = nn.Sequential(SamePadConv(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 16 * 16, 4))
+    x = (np.zeros((1, 3, 16, 16), np.float32),)
+    assert model_stats(custom, x)["macs"] == model_stats(plain, x)["macs"] > 8 * 27 * 16 * 16
