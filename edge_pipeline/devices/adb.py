@@ -32,21 +32,22 @@ from edge_pipeline.devices import DeviceError, DeviceSpec, run_tool
 
 REMOTE_ROOT = "/data/local/tmp/edge-pipeline"
 ROUNDS = 5  # invocations of a tool that prints only a mean, for a p50 of means
-UNSTABLE_CV = 0.15  # as the runner flags a latency figure
 NUM = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
 
 
 def _latency(times_ms: list[float] | None = None, **given) -> dict:
-    """The runner's latency schema from per-run times where a tool prints them, else from its summary."""
+    """The runner's latency schema (its own ``latency_stats`` and instability threshold) from per-run times
+    where a tool prints them, else from the tool's summary."""
+    from edge_pipeline.devices.runner import load_runner
+
+    runner = load_runner()
     lat = dict(given)
     if times_ms:
-        t = np.sort(np.asarray(times_ms, dtype=float))
-        lat.update(p50_ms=float(np.percentile(t, 50)), p90_ms=float(np.percentile(t, 90)),
-                   p99_ms=float(np.percentile(t, 99)), mean_ms=float(t.mean()), std_ms=float(t.std()),
-                   min_ms=float(t[0]), max_ms=float(t[-1]), runs=len(t), p50_basis="per-run times the tool printed")
-    if lat.get("std_ms") is not None and lat.get("mean_ms"):
+        lat.update(runner.latency_stats(times_ms), max_ms=float(max(times_ms)),
+                   p50_basis="per-run times the tool printed")
+    elif lat.get("std_ms") is not None and lat.get("mean_ms"):
         lat["cv"] = lat["std_ms"] / lat["mean_ms"]
-        lat["unstable"] = lat["cv"] > UNSTABLE_CV
+        lat["unstable"] = lat["cv"] > runner.UNSTABLE_CV
     return lat
 
 
@@ -173,8 +174,8 @@ class ADBDevice:
     def path(self, name: str) -> str:
         return f"{REMOTE_ROOT}/{name}"
 
-    def run(self, argv: list[str], step: str) -> tuple[int, str, str]:
-        remote = "cd " + shlex.quote(REMOTE_ROOT) + " && " + " ".join(shlex.quote(a) for a in argv)
+    def run(self, argv: list[str], step: str, cwd: str = REMOTE_ROOT) -> tuple[int, str, str]:
+        remote = "cd " + shlex.quote(cwd) + " && " + " ".join(shlex.quote(a) for a in argv)
         return self._call([*self.adb, "shell", remote], step)
 
     def pull(self, name: str, dest: Path) -> None:
@@ -234,8 +235,7 @@ class ADBDevice:
         return result, outputs
 
     def _invoke(self, backend: str, folder: str, argv: list[str]) -> dict:
-        code, out, err = self._call([*self.adb, "shell", f"cd {shlex.quote(folder)} && "
-                                     + " ".join(shlex.quote(a) for a in argv)], f"benchmark {backend}")
+        code, out, err = self.run(argv, f"benchmark {backend}", cwd=folder)
         text = out + "\n" + err
         if code != 0 and "Test_result: FAIL" not in text:  # a failed bundled check is a result, not an error
             raise DeviceError(self.spec.spec, f"benchmark {backend}", text[-800:])
