@@ -53,12 +53,16 @@ STAGES: list[StageDef] = [
     StageDef("calibrate", "calibrate", (), lambda r: {"data": r.data, **r.calibrate.model_dump()},
              lambda r: any(t for t in r.targets),
              external=lambda ctx: {"data": ctx.data_fingerprint, "set": _pinned_set_hash(ctx.recipe)}),
-    StageDef("lower", "lower", ("teacher", "prune", "distill", "calibrate"), _lower_config,
+    StageDef("qat", "qat", ("teacher", "prune", "distill", "calibrate"),
+             lambda r: {**r.qat.model_dump(), **_lower_config(r),
+                        "loss": r.distill.model_dump(include={"alpha", "temperature", "soft_only", "logit_outputs"})},
+             lambda r: bool(r.targets) and r.qat.mode != "off"),
+    StageDef("lower", "lower", ("teacher", "prune", "distill", "calibrate", "qat"), _lower_config,
              lambda r: bool(r.targets)),
     StageDef("device-test", "device_test", ("teacher", "lower"),
              lambda r: {"devices": r.devices, **r.device_test.model_dump()},
              lambda r: bool(r.targets) and r.device_test.enabled),
-    StageDef("package", "package", ("teacher", "prune", "distill", "calibrate", "lower", "device-test"),
+    StageDef("package", "package", ("teacher", "prune", "distill", "calibrate", "qat", "lower", "device-test"),
              lambda r: r.package.model_dump(), lambda r: bool(r.targets) and r.package.enabled,
              outputs=lambda m: [m["bundle"], m["tar"]]),
 ]
@@ -114,12 +118,14 @@ class Context:
         batch (outputs it can flatten, input dtypes), the metric, and the prune and distill settings."""
         from edge_pipeline.stages.distill import check_config as check_distill
         from edge_pipeline.stages.prune import check_config as check_prune
+        from edge_pipeline.stages.qat import check_config as check_qat
 
         _ = self.metric  # loads the data, builds the model, discovers the interface
         if self.recipe.prune.enabled:
             check_prune(self.recipe.prune, self.data, self.recipe_path)
         if self.recipe.distill.enabled:
             check_distill(self.recipe, self.iface, self.data, self.recipe_path)
+        check_qat(self.recipe, self.recipe_path)
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -240,8 +246,8 @@ def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, for
         if only is not None and sd.name != only and not current:
             raise PipelineError(f"--only {only} needs stage '{sd.name}' up to date, and it is not",
                                 hint="run without --only first")
-        # Under torchrun, rank 0 runs every stage but distill alone; the others wait for it, then read.
-        follower = ddp and not distributed.is_main() and sd.name != "distill"
+        # Under torchrun, rank 0 runs every stage but the training ones alone; the others wait, then read.
+        follower = ddp and not distributed.is_main() and sd.name not in ("distill", "qat")
         if follower:
             distributed.barrier()
         rerun = (only == sd.name) or (forced_from is not None and i >= forced_from and only is None)

@@ -73,6 +73,20 @@ class DistillConfig(_Strict):
     seed: int = 0
 
 
+class QatConfig(_Strict):
+    """Quantization-aware training after distill: off, on (every int8 target) or auto (only the int8 targets
+    whose post-training build misses max_accuracy_drop on val). Trained with the distill stage's loss."""
+
+    mode: Literal["off", "auto", "on"] = "off"
+    epochs: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(32, ge=2, le=64)  # <= 64: the batch the shared float export is traced up to
+    freeze_bn_epoch: int = Field(1, ge=0)  # BatchNorm statistics frozen from this epoch on (counted from 0)
+    freeze_observers_epoch: int = Field(2, ge=0)  # quantizer ranges frozen from this epoch on
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
 class CalibrateConfig(_Strict):
     set: str | None = None  # path (without suffix) of a pinned set; drawn and written there when missing
     samples: int = Field(256, ge=1)
@@ -123,6 +137,7 @@ class Recipe(_Strict):
     prune: PruneConfig = PruneConfig()
     distill: DistillConfig = DistillConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    qat: QatConfig = QatConfig()
     targets: list[str] = []
     devices: list[str] = ["local"]
     device_test: DeviceTestConfig = DeviceTestConfig()

@@ -33,6 +33,18 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
     return q if default else pt2e.FusedActivations(q)
 
 
+def qat_quantizer(profile: Profile):
+    """XNNPACK's own QAT config (fake quantizers with moving-average ranges), with the profile's weight
+    granularity; bounded activations fused into the op before them as in post-training int8."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    config = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_qat=True)
+    return pt2e.FusedActivations(XNNPACKQuantizer().set_global(config))
+
+
 def layer_errors(model: nn.Module, example, calibration: tuple[np.ndarray, ...], rows: tuple[np.ndarray, ...],
                  profile: Profile, iface: ModelInterface) -> dict[str, float]:
     """Own int8 error (dB) per layer of one calibrated build with this profile's quantizer (torchao's debugger)."""
@@ -41,12 +53,15 @@ def layer_errors(model: nn.Module, example, calibration: tuple[np.ndarray, ...],
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
            profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
-           fixtures: bool = True) -> Path:
+           fixtures: bool = True, qat: dict | None = None) -> Path:
+    """``qat``: a QAT run's trained state; the int8 model is then the one it learned, not a calibrated one."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
     model = model.eval()
-    if profile.precision == "int8":
+    if profile.precision == "int8" and qat is not None:
+        model = pt2e.convert_qat(model, calibration, qat_quantizer(profile), qat)
+    elif profile.precision == "int8":
         model = pt2e.quantize(model, calibration, _quantizer(profile, float_layers, default_flow))
     ep = _export_for_xnnpack(model, example)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])

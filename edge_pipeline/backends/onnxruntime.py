@@ -34,7 +34,12 @@ def _reader(calibration: tuple[np.ndarray, ...], names: list[str]):
 
 
 def _float_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], path: Path, iface: ModelInterface) -> None:
-    prog = torch.onnx.export(model.eval(), example, dynamo=True, input_names=iface.input_names,
+    _save_onnx(model.eval(), example, path, iface)
+
+
+def _save_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, iface: ModelInterface) -> None:
+    """torch.onnx.export (dynamo) of a module as it is (an exported graph module refuses ``.eval()``)."""
+    prog = torch.onnx.export(module, example, dynamo=True, input_names=iface.input_names,
                              output_names=iface.output_names, verbose=False)
     prog.save(str(path), external_data=False)
 
@@ -70,6 +75,37 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
     return build / "qdq.onnx"
 
 
+def qat_quantizer(profile: Profile):
+    """ONNX Runtime has no PT2E quantizer of its own: QAT trains with XNNPACK's QAT config (int8 activations,
+    symmetric int8 weights per channel or per tensor, as ``quantize_static`` makes them here), weights 7-bit for
+    x86 files (``reduces_range``), and the converted model is exported to QDQ ONNX as it is."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+
+    from edge_pipeline.backends import pt2e
+
+    bound = 63 if reduces_range(profile) else 127
+    config = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_qat=True,
+                                               weight_qmin=-bound, weight_qmax=bound)
+    return pt2e.FusedActivations(XNNPACKQuantizer().set_global(config))
+
+
+def _qat_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
+              profile: Profile, iface: ModelInterface, build: Path, qat: dict) -> Path:
+    """The QAT run's converted model, exported as it is: its quantize/dequantize ops become ONNX's
+    QuantizeLinear/DequantizeLinear with the learned scales, which ORT fuses into int8 kernels like a
+    ``quantize_static`` QDQ model. (The other way, the learned ranges fed to ``quantize_static`` through
+    TensorQuantOverrides, needs every PT2E tensor matched to an ONNX tensor name, and the exported weights
+    would still be the float ones, not the weights QAT learned to round.)"""
+    from edge_pipeline.backends import pt2e
+
+    gm = pt2e.convert_qat(model, calibration, qat_quantizer(profile), qat)
+    _save_onnx(gm, example, build / "qdq.onnx", iface)
+    return build / "qdq.onnx"
+
+
 def reduces_range(profile: Profile) -> bool:
     """7-bit weights for x86 files. ORT runs int8 convolutions there as uint8 activations x int8 weights, and on
     CPUs without VNNI (AVX2 only) the kernel adds pairs of products in int16, which overflows with full 8-bit
@@ -81,18 +117,21 @@ def reduces_range(profile: Profile) -> bool:
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
            profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
-           fixtures: bool = True) -> Path:
+           fixtures: bool = True, qat: dict | None = None) -> Path:
+    """``qat``: a QAT run's trained state; the int8 model is then the one it learned, not a calibrated one."""
     build = out_dir / "build"
     build.mkdir()
     final = out_dir / "model.onnx"
-    if profile.precision == "int8":
+    if profile.precision == "int8" and qat is not None:
+        shutil.copy(_qat_onnx(model, example, calibration, profile, iface, build, qat), final)
+    elif profile.precision == "int8":
         shutil.copy(_quantize(model, example, calibration, profile, iface, build, float_layers, default_flow), final)
     else:
         _float_onnx(model, example, final, iface)
     _strip_build_paths(final)
     to_ort(final, out_dir, profile.platform)
     shutil.rmtree(build)
-    seven_bit = profile.precision == "int8" and not default_flow and reduces_range(profile)
+    seven_bit = profile.precision == "int8" and not default_flow and reduces_range(profile)  # QAT's too
     (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers, seven_bit), indent=1))
     if fixtures:
         write_fixtures(out_dir / f"model{SUFFIX}", example, iface)

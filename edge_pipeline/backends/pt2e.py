@@ -94,6 +94,51 @@ def quantize(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer,
     return convert_pt2e(gm, fold_quantize=fold_quantize)
 
 
+def prepare_qat(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer) -> tuple[torch.fx.GraphModule, int]:
+    """The float model ready for quantization-aware training with this (``is_qat``) quantizer, and the largest
+    batch it takes. It comes from the same eval-mode export as post-training int8, so a model's dropout and
+    drop-connect (``if self.training`` branches) are not frozen into the graph as random ops; BatchNorm is
+    then switched back to training mode, where QAT folds it into the fake-quantized conv weights."""
+    from torchao.quantization.pt2e import move_exported_model_to_train
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    gm, batch = export_for_calibration(model, calibration)
+    canonicalize_clamps(gm)
+    move_exported_model_to_train(gm)
+    return prepare_qat_pt2e(gm, quantizer), batch
+
+
+BATCH_NORM_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default", "aten.cudnn_batch_norm.default")
+
+
+def freeze_batch_norm(prepared: torch.fx.GraphModule) -> None:
+    """BatchNorm keeps normalizing with batch statistics no more and stops updating its running ones (the
+    ``training`` argument of each op): the late-QAT schedule, so the folded weights the fake quantizers see settle."""
+    for n in prepared.graph.nodes:
+        if n.op == "call_function" and str(n.target) in BATCH_NORM_OPS and len(n.args) > 5 and n.args[5]:
+            args = list(n.args)
+            args[5] = False
+            n.args = tuple(args)
+    prepared.recompile()
+
+
+def convert_qat(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer, state: dict,
+                fold_quantize: bool = True) -> torch.fx.GraphModule:
+    """The int8 model a QAT run learned: the same prepared graph rebuilt, its trained state (weights, BatchNorm
+    statistics, fake-quantizer ranges) loaded, then converted like a post-training one."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    prepared, _ = prepare_qat(model, calibration, quantizer)
+    missing, unexpected = prepared.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise PipelineError(f"the QAT state does not fit this model and quantizer ({len(missing)} missing, "
+                            f"{len(unexpected)} unexpected entries, e.g. {(missing or unexpected)[0]})",
+                            hint="run the qat stage again (edge-pipeline run --from-stage qat)")
+    move_exported_model_to_eval(prepared)
+    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+
+
 def keep_float(quantizer, layers) -> None:
     """Keep these modules in float: the accuracy-aware fallback.
 

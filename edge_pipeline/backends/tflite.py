@@ -24,7 +24,8 @@ MIXED_PRECISION = False
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
            profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
-           fixtures: bool = True) -> Path:
+           fixtures: bool = True, qat: dict | None = None) -> Path:
+    """``qat``: a QAT run's trained state; the int8 model is then the one it learned, not a calibrated one."""
     import litert_torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
@@ -36,6 +37,13 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
             raise PipelineError("litert-torch's PT2E int8 conversion gives int8 inputs and outputs",
                                 where=f"target profile {profile.name}: io",
                                 hint="use io: int8 (the runner and describe give the scale and zero point)")
+        if qat is not None:
+            q = qat_quantizer(profile)
+            gm = pt2e.convert_qat(model, calibration, q, qat, fold_quantize=False)
+            static = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_dynamic=False))
+            edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=static))
+            edge.export(str(path))
+            return _finish(path, out_dir, example, iface, float_layers, fixtures)
         if default_flow:  # the quantizer's own defaults
             q = PT2EQuantizer().set_global(get_symmetric_quantization_config())
         else:
@@ -48,11 +56,27 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     else:
         edge = litert_torch.convert(model, example)
     edge.export(str(path))
-    info = _describe(path, iface, float_layers)
-    (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
+    return _finish(path, out_dir, example, iface, float_layers, fixtures)
+
+
+def _finish(path: Path, out_dir: Path, example, iface: ModelInterface, float_layers, fixtures: bool) -> Path:
+    (out_dir / "describe.json").write_text(json.dumps(_describe(path, iface, float_layers), indent=1))
     if fixtures:
         write_fixtures(path, example, iface)
     return path
+
+
+def qat_quantizer(profile: Profile):
+    """XNNPACK's QAT config, whose int8 scheme litert-torch's PT2E quantizer copies (asymmetric int8 activations,
+    symmetric int8 weights): litert-torch 0.10.0's own ``is_qat=True`` quantizer fails on every conv+BatchNorm
+    model beside torchao here (its pattern annotator hands torch.export a function, which it refuses). The
+    converted model's quantize/dequantize pairs are what litert-torch lowers, whichever quantizer placed them."""
+    from edge_pipeline.backends import executorch
+
+    if profile.io == "float":
+        raise PipelineError("litert-torch's PT2E int8 conversion gives int8 inputs and outputs",
+                            where=f"target profile {profile.name}: io", hint="use io: int8")
+    return executorch.qat_quantizer(profile)
 
 
 def write_fixtures(path: Path, example: tuple[torch.Tensor, ...], iface: ModelInterface) -> None:

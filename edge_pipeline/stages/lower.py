@@ -110,19 +110,23 @@ def evaluate(path: Path, ref: Reference, profile: Profile) -> dict:
 
 
 def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref: Reference,
-                 calibration: tuple[np.ndarray, ...], out: Path, sensitivity: bool = True) -> dict:
-    """Export one target (with the float fallback when its budget on the recipe's metric is missed) and check it."""
+                 calibration: tuple[np.ndarray, ...], out: Path, sensitivity: bool = True,
+                 qat: dict | None = None) -> dict:
+    """Export one target (with the float fallback when its budget on the recipe's metric is missed) and check it.
+    With ``qat`` (a QAT run's trained state) the QAT build is made beside the post-training one, and the
+    better of the two on val ships."""
     backend = get_backend(profile.backend)
     example = example_inputs(ref.ev.data)
     tdir = out / profile.name
     metric = ref.ev.metric
 
-    def build(float_layers, folder: Path = tdir) -> tuple[Path, dict]:
+    def build(float_layers, folder: Path = tdir, trained: dict | None = None) -> tuple[Path, dict]:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         # Golden-I/O fixtures come once, for the build that ships (below), not for every trial.
+        extra = {"qat": trained} if trained is not None else {}
         path = backend.export(model, example, calibration, profile, folder, iface, float_layers=float_layers,
-                              fixtures=False)
+                              fixtures=False, **extra)
         return path, evaluate(path, ref, profile)
 
     def better(a: float, b: float) -> bool:
@@ -138,7 +142,23 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     float_layers: list[str] = []
     errors = None
     all_int8 = {k: metrics[k] for k in ("size_bytes", "val_metric")}
-    if int8 and profile.budgets.max_accuracy_drop is not None and missed(metrics):
+    comparison = None
+    if int8 and qat is not None:
+        trial = out / f".{profile.name}.trial"
+        qat_path, qat_metrics = build((), trial, trained=qat)
+        comparison = {"ptq": _comparison_entry(path, metrics, example, profile),
+                      "qat": _comparison_entry(qat_path, qat_metrics, example, profile)}
+        use_qat = better(qat_metrics["val_metric"], metrics["val_metric"])  # a tie keeps the calibrated build
+        comparison["shipped"] = "qat" if use_qat else "ptq"
+        if use_qat:
+            shutil.rmtree(tdir)
+            trial.rename(tdir)
+            path, metrics = tdir / qat_path.name, qat_metrics
+        else:
+            shutil.rmtree(trial)
+        progress.note(f"{profile.name}: {comparison['shipped'].upper()} ships ({metric.name} on val: PTQ "
+                      f"{comparison['ptq']['val_metric']:.4f}, QAT {comparison['qat']['val_metric']:.4f})")
+    elif int8 and profile.budgets.max_accuracy_drop is not None and missed(metrics):
         if not mixed:
             metrics["fallback"] = {"unsupported": f"backend {profile.backend} cannot keep layers in float; "
                                                   "the miss is reported as is"}
@@ -180,6 +200,8 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
                 metrics["fallback_exhausted"] = True
             metrics["fallback_exports"] = exports
     backend.write_fixtures(path, example, iface)
+    if comparison is not None:
+        metrics["qat"] = comparison
     if errors:
         metrics["layer_error_db"] = errors
     if float_layers:
@@ -190,6 +212,31 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     metrics["describe"] = backend.describe(path)
     metrics["failures"] = budget_failures(profile, metrics)
     return metrics
+
+
+def _comparison_entry(path: Path, m: dict, example: tuple[torch.Tensor, ...], profile: Profile) -> dict:
+    """What the PTQ-vs-QAT comparison shows of one build: its metric, size and p50 on this host."""
+    return {"val_metric": m["val_metric"], "test_metric": m["test_metric"], "metric_drop": m["metric_drop"],
+            "size_bytes": m["size_bytes"], "host_p50_ms": host_p50_ms(path, example, profile.threads)}
+
+
+def host_p50_ms(path: Path, example: tuple[torch.Tensor, ...], threads: int, runs: int = 30) -> float:
+    """Median latency of one artifact on this host, in its own runtime: for comparing two builds of one target
+    inside one run (device-test measures the shipped one on each device)."""
+    import time
+
+    from edge_pipeline.devices.runner import load_runner
+
+    runner = load_runner().Model(str(path), threads)
+    inputs = [t.numpy() for t in example]
+    for _ in range(3):
+        runner.run(inputs)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        runner.run(inputs)
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
 
 
 def fallback_candidates(errors_db: dict[str, float], k: int) -> tuple[list[str], str | None]:
@@ -211,9 +258,9 @@ def budget_failures(profile: Profile, m: dict) -> list[str]:
 
 
 def lower_all(model: nn.Module, profiles: list[Profile], ev: Evaluator, calibration, out: Path,
-              sensitivity: bool = True) -> dict:
+              sensitivity: bool = True, qat_states: dict[str, dict] | None = None) -> dict:
     """Every target profile, each failing alone; ``calibration`` is the representative set's inputs (one array
-    or a tuple of them, one row per sample)."""
+    or a tuple of them, one row per sample); ``qat_states``: per target, a QAT run's trained state."""
     model = model if isinstance(model, FlatModel) else FlatModel(model)
     calibration = tuple(calibration) if isinstance(calibration, (tuple, list)) else (calibration,)
     iface = ev.iface
@@ -223,7 +270,8 @@ def lower_all(model: nn.Module, profiles: list[Profile], ev: Evaluator, calibrat
         for profile in profiles:
             t.advance(0, f"lowering {profile.name}")
             try:
-                m = lower_target(model, iface, profile, ref, calibration, out, sensitivity)
+                m = lower_target(model, iface, profile, ref, calibration, out, sensitivity,
+                                 (qat_states or {}).get(profile.name))
             except PipelineError as e:
                 m = {"error": str(e), "failures": [str(e)]}
             except Exception as e:  # a backend refusing the model fails this target only
@@ -263,8 +311,12 @@ def write_golden(path: Path, data) -> None:
 def run(ctx, out: Path) -> dict:
     model, _ = load_model(ctx.model_dir() / "model.pt")
     calibration = load_calibration(ctx.stage_dir("calibrate") / "calibration.npz")
+    from edge_pipeline.stages.qat import state_for
+
     profiles = [load_profile(t) for t in ctx.recipe.targets]
-    result = lower_all(model, profiles, ctx.evaluator, calibration, out, ctx.recipe.calibrate.sensitivity)
+    qat_states = {p.name: state for p in profiles if (state := state_for(ctx.stage_dir("qat"), p.name)) is not None}
+    result = lower_all(model, profiles, ctx.evaluator, calibration, out, ctx.recipe.calibrate.sensitivity,
+                       qat_states)
     write_golden(out / "golden.npz", ctx.data)
     (out / "targets.json").write_text(json.dumps(result["targets"], indent=1, default=str))
     return result

@@ -1,0 +1,235 @@
+"""Stage 5: quantization-aware training, for int8 targets whose post-training int8 is not good enough.
+
+Per int8 target: the model lower would ship (distilled, pruned or the teacher) is exported once, prepared with
+the target backend's own QAT quantizer (``prepare_qat_pt2e``: fake quantizers on weights and activations,
+BatchNorm folded into the fake-quantized convs) and trained against the fp32 teacher with the distill stage's
+loss (soft targets at its temperature, its alpha on the labels). The usual schedule: BatchNorm statistics
+frozen after ``freeze_bn_epoch`` epochs, quantizer ranges after ``freeze_observers_epoch``; the epoch with the
+best fake-quantized metric on val is kept. lower rebuilds the same graph, loads the trained state, converts
+and lowers it like a post-training build, and ships whichever of the two is better on val.
+
+``mode: auto`` trains only for targets whose post-training build, run in its own runtime, misses
+``max_accuracy_drop`` on val. Targets whose quantizers are configured alike share one run. A per-epoch
+checkpoint lets a killed run resume; under torchrun it trains with DDP like distill.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edge_pipeline import distributed, progress
+from edge_pipeline.backends import get_backend, pt2e
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
+from edge_pipeline.interface import FlatModel
+from edge_pipeline.modelio import load_model
+from edge_pipeline.recipe import QatConfig
+from edge_pipeline.stages.distill import loss_for, pick_device
+from edge_pipeline.targets import Profile, load_profile
+from edge_pipeline.training import seed_everything, tensors, warmup_cosine
+
+STATE_FILE = "qat_state.pt"  # per target folder: the trained prepared graph's state_dict (tensors only)
+
+
+@dataclass(frozen=True)
+class QatResult:
+    state: dict[str, torch.Tensor]
+    curves: list[dict]  # per epoch: train_loss, val_loss, val_metric (fake-quantized), val_cosine
+    best_epoch: int
+
+
+def quantizer_for(profile: Profile, where: str):
+    """The target backend's QAT quantizer, or a clear refusal where the backend has none."""
+    backend = get_backend(profile.backend)
+    make = getattr(backend, "qat_quantizer", None)
+    if make is None:
+        raise PipelineError(f"backend '{profile.backend}' (target {profile.name}) has no QAT quantizer",
+                            where=where, hint="remove the target from QAT (qat.mode: off), or use an "
+                                              "executorch, onnxruntime or tflite int8 target")
+    return make(profile)
+
+
+def check_config(recipe, where: str) -> None:
+    """Before any work: every int8 target of a QAT run has a QAT quantizer (and a profile it accepts)."""
+    if recipe.qat.mode == "off":
+        return
+    for name in recipe.targets:
+        profile = load_profile(name)
+        if profile.precision == "int8":
+            quantizer_for(profile, f"{where}: qat (target {profile.name})")
+
+
+def quantizer_key(quantizer) -> str:
+    """Quantizers configured alike train the same model: their classes and each spec's dtype, range, scheme
+    and fake-quantizer class, as text."""
+    inner = getattr(quantizer, "inner", quantizer)
+    config = inner.global_config
+    specs = []
+    for spec in (config.input_activation, config.weight):
+        ctr = getattr(getattr(spec.observer_or_fake_quant_ctr, "p", None), "func", spec.observer_or_fake_quant_ctr)
+        specs.append(f"{spec.dtype}[{spec.quant_min},{spec.quant_max}]{spec.qscheme}/{getattr(ctr, '__name__', ctr)}")
+    return "/".join([type(quantizer).__name__, type(inner).__name__, *specs])
+
+
+def ptq_val_metric(model: nn.Module, profile: Profile, calibration, ev: Evaluator) -> float:
+    """The post-training build of this target, made and run in its own runtime, scored on val."""
+    from edge_pipeline.stages.lower import example_inputs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = get_backend(profile.backend).export(model, example_inputs(ev.data), calibration, profile, Path(tmp),
+                                                   ev.iface, fixtures=False)
+        return ev.score_outputs(run_artifact(path, ev.data.val, profile.threads), "val")
+
+
+def train(model: nn.Module, teacher: nn.Module, quantizer, calibration, ev: Evaluator, cfg: QatConfig, loss_fn,
+          device: str, where: str, resume: Path | None = None, description: str = "QAT") -> QatResult:
+    data = ev.data
+    seed_everything(cfg.seed)
+    prepared, max_batch = pt2e.prepare_qat(FlatModel(model).eval(), calibration, quantizer)
+    if max_batch < 2:
+        raise PipelineError("the model does not export with a dynamic batch, and QAT trains in batches "
+                            "(BatchNorm needs two rows or more)", where=where,
+                            hint="make the model's forward independent of the batch size, or set qat.mode: off")
+    from torchao.quantization.pt2e import (
+        allow_exported_model_train_eval,
+        disable_observer,
+        move_exported_model_to_train,
+    )
+
+    allow_exported_model_train_eval(prepared)  # .train()/.eval() swap BatchNorm and dropout as for a module
+    batch = min(cfg.batch_size, max_batch)
+    prepared.to(device)
+    flat_teacher = FlatModel(teacher).to(device).eval()
+    world, rank = distributed.world_size(), distributed.rank()
+    train_model: nn.Module = prepared
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(prepared)
+    opt = torch.optim.AdamW(prepared.parameters(), lr=cfg.lr, weight_decay=0.0)
+    steps_per_epoch = math.ceil(math.ceil(len(data.train) / world) / batch)
+    sched = warmup_cosine(opt, 0, cfg.epochs * steps_per_epoch)
+    sign = 1 if ev.metric.higher_is_better else -1
+    t_val = ev.reference("val")
+    y_val = None if data.val.y is None else torch.from_numpy(data.val.y)
+
+    curves, best, best_score, best_epoch, start = [], None, (-math.inf, -math.inf), 0, 0
+    if resume is not None and resume.is_file():
+        ck = torch.load(resume, weights_only=True, map_location="cpu")
+        prepared.load_state_dict(ck["state"])
+        opt.load_state_dict(ck["opt"])
+        sched.load_state_dict(ck["sched"])
+        curves, best_score = json.loads(ck["curves"]), tuple(ck["best_score"])
+        start, best_epoch, best = int(ck["epoch"]), int(ck["best_epoch"]), ck["best"]
+        progress.note(f"{description}: resumed after epoch {start}")
+
+    with progress.task(description, total=cfg.epochs) as task:
+        task.advance(start)
+        for epoch in range(start, cfg.epochs):
+            move_exported_model_to_train(prepared)
+            if epoch >= cfg.freeze_bn_epoch:
+                pt2e.freeze_batch_norm(prepared)
+            if epoch >= cfg.freeze_observers_epoch:
+                prepared.apply(disable_observer)
+            total, seen = 0.0, 0
+            for inputs, y in data.train.batches(batch, seed=cfg.seed + epoch, rank=rank, world=world):
+                if len(inputs[0]) < 2:
+                    continue  # a last batch of one row: BatchNorm in training mode cannot use it
+                xb = [t.to(device) for t in tensors(inputs)]
+                with torch.no_grad():
+                    t_b = flat_teacher(*xb)
+                loss = loss_fn(train_model(*xb), t_b, None if y is None else torch.from_numpy(y).to(device))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item() * len(inputs[0])
+                seen += len(inputs[0])
+            # The fake-quantized model as lower will convert it: BatchNorm on running statistics, no dropout.
+            s_val = predict(copy.deepcopy(prepared).eval(), data.val, batch_size=batch, device=device)
+            val_loss = loss_fn(tensors(s_val), tensors(t_val), y_val).item()
+            point = {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss,
+                     "val_metric": ev.score_outputs(s_val, "val"),
+                     "val_cosine": agreement(s_val, t_val, ev.names)["worst"]["cosine"]}
+            curves.append(point)
+            score = (sign * point["val_metric"], -val_loss)
+            if score > best_score:
+                best_score, best_epoch = score, epoch + 1
+                best = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
+            if resume is not None and distributed.is_main():
+                tmp = resume.with_suffix(".tmp")
+                torch.save({"state": prepared.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                            "curves": json.dumps(curves), "best_score": list(best_score), "best_epoch": best_epoch,
+                            "epoch": epoch + 1, "best": best}, tmp)
+                tmp.replace(resume)
+            task.advance()
+    return QatResult(best, curves, best_epoch)
+
+
+def run(ctx, out: Path) -> dict:
+    from edge_pipeline.stages.lower import load_calibration
+
+    cfg = ctx.recipe.qat
+    where = f"{ctx.recipe_path}: qat"
+    model, _ = load_model(ctx.model_dir() / "model.pt")
+    teacher, _ = load_model(ctx.stage_dir("teacher") / "model.pt")
+    calibration = load_calibration(ctx.stage_dir("calibrate") / "calibration.npz")
+    ev = ctx.evaluator
+    device = pick_device(cfg.device, f"{where}.device")
+    distributed.init(device)
+    loss_fn = loss_for(ctx.recipe.distill, ev)
+    float_val = ev.score_model(model, "val")
+    profiles = [p for p in (load_profile(t) for t in ctx.recipe.targets) if p.precision == "int8"]
+    quantizers = {p.name: quantizer_for(p, f"{where} (target {p.name})") for p in profiles}  # refuse before work
+    targets: dict[str, dict] = {}
+    trained: dict[str, str] = {}  # quantizer key -> the target whose run it is
+    for profile in profiles:
+        entry: dict = {"backend": profile.backend}
+        if cfg.mode == "auto":
+            ptq = ptq_val_metric(model, profile, calibration, ev)
+            drop = ev.metric.drop(ptq, float_val)
+            budget = profile.budgets.max_accuracy_drop
+            entry |= {"ptq_val_metric": ptq, "ptq_val_drop": drop}
+            if budget is None or drop is None or drop <= budget:
+                targets[profile.name] = {**entry, "trained": False,
+                                         "reason": f"post-training int8 meets its budget on val (drop "
+                                                   f"{drop if drop is not None else 'n/a'} <= {budget})"}
+                continue
+        key = quantizer_key(quantizers[profile.name])
+        folder = out / profile.name
+        folder.mkdir(parents=True)
+        if key in trained:  # the same fake quantizers: the same training, done once
+            (folder / STATE_FILE).write_bytes((out / trained[key] / STATE_FILE).read_bytes())
+            targets[profile.name] = {**targets[trained[key]], **entry, "shared_with": trained[key],
+                                     "seconds": 0.0}
+            continue
+        started = time.time()
+        resume = ctx.store.dir / f".qat-resume-{ctx.keys['qat'][:16]}-{profile.name}.pt"
+        res = train(model, teacher, quantizers[profile.name], calibration, ev, cfg, loss_fn, device,
+                    f"{where} (target {profile.name})", resume, description=f"QAT {profile.name}")
+        torch.save(res.state, folder / STATE_FILE)
+        (folder / "curves.json").write_text(json.dumps(res.curves, indent=1))
+        if distributed.is_main():
+            resume.unlink(missing_ok=True)
+        best = next(c for c in res.curves if c["epoch"] == res.best_epoch)
+        targets[profile.name] = {**entry, "trained": True, "epochs_run": len(res.curves),
+                                 "best_epoch": res.best_epoch, "fake_quant_val_metric": best["val_metric"],
+                                 "seconds": round(time.time() - started, 1)}
+        trained[key] = profile.name
+    return {"mode": cfg.mode, "device": device, "world_size": distributed.world_size(), "metric": ev.metric.name,
+            "float_val_metric": float_val, "targets": targets}
+
+
+def state_for(qat_dir: Path | None, target: str) -> dict | None:
+    """The trained state a QAT run left for this target, or None (no QAT, or the target was not trained)."""
+    if qat_dir is None or not (qat_dir / target / STATE_FILE).is_file():
+        return None
+    return torch.load(qat_dir / target / STATE_FILE, weights_only=True, map_location="cpu")
+
