@@ -206,7 +206,8 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     summary = run_pipeline(recipe_path, out=out_root, until="device-test")
     run_dir = summary.run_dir
     recipe = summary.run_json["recipe"]
-    lower = find_stage(run_dir, "lower")[1]["metrics"]
+    lower_dir, lower_record = find_stage(run_dir, "lower")
+    lower = lower_record["metrics"]
     ev = evaluator_for_run(run_dir)
     data, iface = ev.data, ev.iface
     teacher = FlatModel(ev.teacher)
@@ -231,7 +232,7 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
                     if variant == "pipeline_int8":
                         shipped = _shipped(lower, backend)
                         if shipped:
-                            artifacts[backend, variant] = run_dir / "04-lower" / shipped["artifact"]
+                            artifacts[backend, variant] = lower_dir / shipped["artifact"]
                             continue
                     profile = load_profile(f"{PROFILES[backend]}-{'fp32' if variant == 'fp32_teacher' else 'int8'}")
                     folder = Path(tmp) / f"{backend}-{variant}"
@@ -275,7 +276,8 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": backends,
             "metric": ev.metric.name, "float_test_metric": float_metric, "int8_weights_only_test_metric": ceiling,
             "ptq_only": ptq_only, "timed_runs": runs, "test_rows": len(data.test),
-            "stage_seconds": stage_seconds, "cores": cores, "ort_platform": host, "calibration_methods": methods}
+            "stage_seconds": stage_seconds, "cores": cores, "ort_platform": host, "calibration_methods": methods,
+            "qat": qat_summary(run_dir, lower)}
 
 
 def machine() -> dict:
@@ -308,9 +310,13 @@ def to_markdown(doc: dict) -> str:
              "are built for this machine's platform.", ""]
     for r in doc["recipes"]:
         c = r["cores"]
-        kind = "post-training int8 only" if r.get("ptq_only") else "pruned + distilled + int8"
-        lines += [f"## {r['recipe']} (`{r['model']}` on `{r['data']}`, {kind})", "",
-                  f"{r.get('test_rows', '?')} test rows; {r.get('timed_runs', RUNS)} timed runs per measurement. "
+        kind = ("post-training int8 only" if r.get("ptq_only") and not r.get("qat") else
+                "int8 with quantization-aware training" if r.get("qat") else "pruned + distilled + int8")
+        lines += [f"## {r['recipe']} (`{r['model']}` on `{r['data']}`, {kind})", ""]
+        rm = r.get("machine", m)
+        if (rm["date"], rm["cpu"]) != (m["date"], m["cpu"]):
+            lines += [f"Measured by an earlier bench run on {rm['date']}: {rm['cpu']}, torch {rm['torch']}.", ""]
+        lines += [f"{r.get('test_rows', '?')} test rows; {r.get('timed_runs', RUNS)} timed runs per measurement. "
                   f"fp32 test {r['metric']}: {_fmt(r['float_test_metric'])}; int8 weights alone (per-channel, "
                   f"activations fp32), the ceiling: {_fmt(r.get('int8_weights_only_test_metric'))}.", "",
                   f"| backend | variant | size B | B/param | params | MACs | p50 ms 1 thr | p50 ms {c} thr | CV 1 thr "
@@ -345,13 +351,59 @@ def to_markdown(doc: dict) -> str:
                     lines.append(f"| {backend} | {method} | " + (f"error: {v['error']} | | | | |" if "error" in v else
                                  f"{_fmt(v['test_metric'])} | {_fmt(v['top1_agreement'])} | {v['cosine']:.4f} | "
                                  f"{v['size_bytes']} | {v['export_seconds']:.1f} |"))
+        if r.get("qat"):
+            lines += _qat_lines(r)
         secs = ", ".join(f"{s} {v:.1f} s" for s, v in r["stage_seconds"].items() if v is not None)
         lines += ["", f"Pipeline wall time per stage (this run or the run it reused): {secs}.", ""]
     return "\n".join(lines) + "\n"
 
 
-def bench(recipes: list[str], out_md: Path, out_root: Path = Path("runs")) -> dict:
-    doc = {"machine": machine(), "recipes": [bench_recipe(r, out_root) for r in recipes]}
+def _qat_lines(r: dict) -> list[str]:
+    fp32 = r["qat"]["float_test_metric"]
+    lines = ["", f"Post-training (PTQ) vs quantization-aware (QAT) int8 of the shipped targets, from the pipeline's "
+             f"own run: fp32 test {r['metric']} {_fmt(fp32)}; qat stage {r['qat']['stage_seconds']:.0f} s on "
+             f"{r['cores']} cores (device {r['qat']['device']}). p50 on this host, 1 thread, 30 runs.", "",
+             "| target | PTQ test | QAT test | QAT − fp32 | within 0.5 pt | PTQ B | QAT B | PTQ p50 ms | QAT p50 ms "
+             "| ships | QAT run |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, t in r["qat"]["targets"].items():
+        if "ptq" not in t:
+            lines.append(f"| {name} | {t.get('reason', 'no QAT build')} |||||||||||")
+            continue
+        p, q = t["ptq"], t["qat"]
+        gap = q["test_metric"] - fp32
+        run = f"{t['epochs_run']} epochs, {t['seconds']:.0f} s" + (f", shared with {t['shared_with']}"
+                                                                 if t.get("shared_with") else "")
+        lines.append(f"| {name} | {_fmt(p['test_metric'])} | {_fmt(q['test_metric'])} | {gap:+.4f} | "
+                     f"{'yes' if gap >= -0.005 else 'NO'} | {p['size_bytes']} | {q['size_bytes']} | "
+                     f"{p['host_p50_ms']:.3f} | {q['host_p50_ms']:.3f} | {t['shipped'].upper()} | {run} |")
+    return lines
+
+
+def qat_summary(run_dir: Path, lower: dict) -> dict | None:
+    """PTQ vs QAT per target of a run with a qat stage: what lower measured of both builds and what QAT cost."""
+    rec = find_stage(run_dir, "qat")
+    if rec is None:
+        return None
+    q = rec[1]["metrics"]
+    targets = {}
+    for name, t in q["targets"].items():
+        shipped = lower["targets"].get(name, {}).get("qat")
+        targets[name] = {**t, **shipped} if shipped else t
+    return {"float_test_metric": lower["float"]["test_metric"], "stage_seconds": rec[1]["seconds"],
+            "device": q["device"], "targets": targets}
+
+
+def bench(recipes: list[str], out_md: Path, out_root: Path = Path("runs"), merge: bool = False) -> dict:
+    """``merge``: the recipes benched now replace their sections of the earlier JSON beside ``out_md``; the
+    others stay, each with the machine and date it was measured on (ratios compare only inside one section)."""
+    here = machine()
+    fresh = [{**bench_recipe(r, out_root), "machine": here} for r in recipes]
+    kept = []
+    if merge and out_md.with_suffix(".json").is_file():
+        earlier = json.loads(out_md.with_suffix(".json").read_text())
+        names = {r["recipe"] for r in fresh}
+        kept = [{"machine": earlier["machine"], **r} for r in earlier["recipes"] if r["recipe"] not in names]
+    doc = {"machine": here, "recipes": kept + fresh}
     out_md.write_text(to_markdown(doc))
     out_md.with_suffix(".json").write_text(json.dumps(doc, indent=1))
     return doc

@@ -154,6 +154,11 @@ def _print_summary(summary) -> None:
             failed = {t: v["failures"] for t, v in targets.items() if v.get("failures")}
             figures = f"{len(targets) - len(failed)} of {len(targets)} targets ok" + "".join(
                 f"; {t} failed: {'; '.join(f)[:160]}" for t, f in failed.items())
+            shipped = [f"{t}: {v['qat']['shipped'].upper()}" for t, v in targets.items() if v.get("qat")]
+            figures += f"; ships {', '.join(shipped)}" if shipped else ""
+        elif name == "qat" and m.get("targets"):
+            trained = [t for t, q in m["targets"].items() if q.get("trained")]
+            figures = (f"trained for {', '.join(trained) or 'none'}; mode={m.get('mode')}, device={m.get('device')}")
         else:
             figures = ", ".join(f"{k}={_fmt(m[k])}" for k in SUMMARY_KEYS.get(name, ()) if k in m)
         secs = s.get("seconds")
@@ -242,6 +247,7 @@ def _stage_command(stage: str, help_text: str):
 _stage_command("prune", "Structured pruning of the teacher.")
 _stage_command("distill", "Distill the teacher into the student.")
 _stage_command("calibrate", "Draw (or check) the pinned representative set.")
+_stage_command("qat", "Quantization-aware training for the int8 targets (qat.mode: on, or auto where PTQ misses).")
 _stage_command("lower", "Lower the model to every target's runtime format.")
 
 
@@ -390,15 +396,17 @@ def report_command(run_dir, dest):
 @main.command("bench")
 @click.argument("recipes", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--out", "out_md", default="BENCHMARKS.md", show_default=True, help="Markdown table (JSON beside it).")
+@click.option("--merge", is_flag=True, help="Keep the other recipes' sections of an earlier bench (each says when "
+                                           "and where it was measured); replace only these recipes'.")
 @handle_errors
-def bench_command(recipes, out_md):
+def bench_command(recipes, out_md, merge):
     """Teacher fp32 vs each backend's default int8 flow vs the pipeline, measured in one run."""
     from pathlib import Path
 
     from edge_pipeline.bench import bench
 
     with _stdout_to_stderr():
-        _with_progress(lambda: bench(list(recipes), Path(out_md)))
+        _with_progress(lambda: bench(list(recipes), Path(out_md), merge=merge))
     out.print(Path(out_md).read_text())
 
 

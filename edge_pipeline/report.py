@@ -175,6 +175,32 @@ def _coverage_table(targets: dict) -> str:
             "<th>status</th></tr>" + "".join(rows) + "</table>")
 
 
+def _qat_table(run_dir: Path, targets: dict) -> str | None:
+    """PTQ against QAT per target: the metric on test, size and p50 on the build host, which one ships, and what
+    the QAT run cost (epochs, wall time)."""
+    qat = find_stage(run_dir, "qat")
+    if qat is None:
+        return None
+    trained = qat[1]["metrics"].get("targets", {})
+    rows = []
+    for name, q in trained.items():
+        cmp = targets.get(name, {}).get("qat")
+        if cmp is None:  # not trained (auto: PTQ met its budget), or the target failed to lower
+            why = q.get("reason") or "no QAT build"
+            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan=8>{html.escape(why)}</td></tr>")
+            continue
+        both = (cmp["ptq"], cmp["qat"])
+        cells = [name, *(f"{b['test_metric']:.4f}" for b in both), *(f"{b['size_bytes']:,}" for b in both),
+                 *(f"{b['host_p50_ms']:.2f}" for b in both)]
+        shared = f", shared with {q['shared_with']}" if q.get("shared_with") else ""
+        cells += [cmp["shipped"].upper(), f"{q.get('epochs_run', '')} epochs, {q.get('seconds', 0):.0f} s{shared}"]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return ("<h2>Post-training vs quantization-aware int8</h2><table><tr><th>target</th><th>PTQ test</th>"
+            "<th>QAT test</th><th>PTQ bytes</th><th>QAT bytes</th><th>PTQ p50 ms</th><th>QAT p50 ms</th>"
+            "<th>ships</th><th>QAT run</th></tr>" + "".join(rows) + "</table><p>p50 on the build host, one "
+            "thread; device-test measures the shipped build on each device.</p>")
+
+
 def _fallback_text(t: dict) -> str:
     """What the accuracy-aware float fallback did for one target, in a few words."""
     fb = t.get("fallback") or {}
@@ -264,7 +290,8 @@ def write_report(run_dir: Path, dest: Path) -> Path:
     dev = find_stage(run_dir, "device-test")
     results = dev[1]["metrics"]["results"] if dev else {}
     sections = [s for s in (_waterfall(run_dir, targets), _device_bars(results), _scatter(results, _metric(run_dir)),
-                            _prune_scan(run_dir), _distill_curves(run_dir), _quant_sensitivity(targets)) if s]
+                            _prune_scan(run_dir), _distill_curves(run_dir), _qat_table(run_dir, targets),
+                            _quant_sensitivity(targets)) if s]
     title = f"edge-pipeline report: {run_dir.parent.name}/{run_dir.name}"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img.plot{{max-width:100%}}

@@ -17,7 +17,7 @@ from edge_pipeline.errors import PipelineError
 from edge_pipeline.sources.data import DATA_ZOO, Split, Splits, load_npz, presplit, split_arrays, split_dataset
 
 # Names only, so that validating a recipe does not import torch (zoo.MODEL_ZOO holds the classes).
-ZOO_MODELS = ("digits-cnn", "mobilenetv2-tiny", "resnet-tiny")
+ZOO_MODELS = ("digits-cnn", "mobilenetv2-tiny", "resnet-tiny", "efficientnet-lite0")
 
 __all__ = [
     "Split",

@@ -41,6 +41,27 @@ def efficientnet_lite0():
     return model.eval()
 
 
+def efficientnet_lite0_zoo(num_classes: int = 10, in_channels: int = 3, width: float = 1.0):
+    """``zoo:efficientnet-lite0``: the published ImageNet weights with a new classifier for the data's classes,
+    for the teacher stage to fine-tune. One input channel takes the stem's RGB filters summed (a grey image is
+    R = G = B, so the pretrained stem sees what it would). Its folded depthwise convs keep the per-channel weight
+    ranges of the published weights, wide apart: per-tensor int8 weights lose accuracy on it."""
+    from torch import nn
+
+    if width != 1.0:
+        raise PipelineError(f"zoo:efficientnet-lite0 comes at its published width only, not {width}",
+                            hint="use distill.student: pruned, or a model source of your own")
+    if in_channels not in (1, 3):
+        raise PipelineError(f"zoo:efficientnet-lite0 takes 1 or 3 input channels, the data has {in_channels}")
+    model = efficientnet_lite0()
+    if in_channels == 1:
+        stem = model._conv_stem
+        stem.weight = nn.Parameter(stem.weight.detach().sum(1, keepdim=True))
+        stem.in_channels = 1
+    model._fc = nn.Linear(model._fc.in_features, num_classes)
+    return model
+
+
 def _photo_files() -> dict[str, list[Path]]:
     import importlib.util
 

@@ -1,10 +1,14 @@
-"""Built-in models: a small CNN for digits and two architectures with the structures pruning must respect
-(residual adds, concatenation, depthwise-separable convs)."""
+"""Built-in models: a small CNN for digits, two architectures with the structures pruning must respect
+(residual adds, concatenation, depthwise-separable convs), and EfficientNet-Lite0 with its published weights."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from edge_pipeline.sources.pretrained import efficientnet_lite0_zoo
 
 
 def _conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1, groups: int = 1) -> nn.Sequential:
@@ -99,9 +103,10 @@ class TinyResNet(nn.Module):
         return self.classifier(torch.flatten(self.pool(x), 1))
 
 
-# name -> (constructor, data source it is trained on when used as a teacher)
-MODEL_ZOO: dict[str, type[nn.Module]] = {
+# name -> constructor(num_classes, in_channels, width); the teacher stage trains (or fine-tunes) what it builds
+MODEL_ZOO: dict[str, Callable[..., nn.Module]] = {
     "digits-cnn": DigitsCNN,
     "mobilenetv2-tiny": TinyMobileNetV2,
     "resnet-tiny": TinyResNet,
+    "efficientnet-lite0": efficientnet_lite0_zoo,  # published ImageNet weights, a new classifier
 }
