@@ -78,11 +78,11 @@ class QatConfig(_Strict):
     whose post-training build misses max_accuracy_drop on val). Trained with the distill stage's loss."""
 
     mode: Literal["off", "auto", "on"] = "off"
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(6, ge=1)
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(32, ge=2, le=64)  # <= 64: the batch the shared float export is traced up to
-    freeze_bn_epoch: int = Field(1, ge=0)  # BatchNorm statistics frozen from this epoch on (counted from 0)
-    freeze_observers_epoch: int = Field(2, ge=0)  # quantizer ranges frozen from this epoch on
+    freeze_bn_epoch: int = Field(2, ge=0)  # BatchNorm statistics frozen from this epoch on (counted from 0)
+    freeze_observers_epoch: int = Field(4, ge=0)  # quantizer ranges frozen from this epoch on
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
 

@@ -136,7 +136,10 @@ def convert_qat(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer
                             f"{len(unexpected)} unexpected entries, e.g. {(missing or unexpected)[0]})",
                             hint="run the qat stage again (edge-pipeline run --from-stage qat)")
     move_exported_model_to_eval(prepared)
-    return convert_pt2e(prepared, fold_quantize=fold_quantize)
+    converted = convert_pt2e(prepared, fold_quantize=fold_quantize)
+    for m in converted.modules():  # the graph is in eval form now; say so to exporters that check the flag
+        m.training = False
+    return converted
 
 
 def keep_float(quantizer, layers) -> None:
