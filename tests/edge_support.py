@@ -24,3 +24,39 @@ def run_cli(*args, timeout=600, cwd=ROOT):
     path = os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def sigkill_mid_stage(args, run_dir: Path, stage_folder: str, checkpoint_glob: str, timeout: float = 300) -> None:
+    """Runs the CLI with ``args`` and SIGKILLs it once the stage is being written (``.<stage_folder>.tmp-*``) and
+    has checkpointed an epoch (``checkpoint_glob`` in the run folder): mid-stage, not between stages."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([*CLI, *args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if list(run_dir.glob(f".{stage_folder}.tmp-*")) and list(run_dir.glob(checkpoint_glob)):
+                break
+            assert proc.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def recorded_notes():
+    """A progress sink that keeps what the pipeline says (``.said``): training is deterministic, so only its
+    notes tell a resume from a fresh start."""
+    from edge_pipeline import progress
+
+    class Notes(progress._Silent):
+        def __init__(self):
+            self.said: list[str] = []
+
+        def note(self, message):
+            self.said.append(message)
+
+    return Notes()

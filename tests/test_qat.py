@@ -3,15 +3,11 @@ killed run resumes to the same result, a backend without a QAT quantizer is refu
 model where post-training int8 loses (published EfficientNet-Lite0 weights, per-tensor int8 weights) QAT wins."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 import yaml
-from edge_support import CLI, ROOT
+from edge_support import ROOT, recorded_notes, sigkill_mid_stage
 
 from edge_pipeline import progress
 from edge_pipeline.errors import PipelineError
@@ -53,32 +49,15 @@ def test_qat_stage_trains_once_per_quantizer_and_every_runtime_ships_its_model(w
 def test_qat_resumes_after_sigkill_to_the_same_trained_state(write_recipe, tmp_path):
     path = _qat_recipe(write_recipe, ["executorch-xnnpack-int8"], epochs=8)
     run_dir = tmp_path / "runs" / "tiny" / "default"
-    proc = subprocess.Popen([*CLI, "qat", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:  # killed once an epoch is checkpointed: mid-stage
-            if list(run_dir.glob(".04-qat.tmp-*")) and list(run_dir.glob(".qat-resume-*")):
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_mid_stage(["qat", str(path)], run_dir, "04-qat", ".qat-resume-*")
     assert not (run_dir / "04-qat").exists(), "a killed stage must not look complete"
     checkpoint = next(run_dir.glob(".qat-resume-*"))
     done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
 
-    class Notes(progress._Silent):
-        said: list = []
-
-        def note(self, message):
-            self.said.append(message)
-
-    with progress.use_sink(Notes()):
+    notes = recorded_notes()
+    with progress.use_sink(notes):
         resumed = run(path, until="qat")
-    assert f"QAT executorch-xnnpack-int8: resumed after epoch {done_before_kill}" in Notes.said, Notes.said
+    assert f"QAT executorch-xnnpack-int8: resumed after epoch {done_before_kill}" in notes.said, notes.said
     assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages["qat"]["status"] == "ran"
     assert 1 <= done_before_kill < 8 and not checkpoint.exists()
     curves = json.loads((run_dir / "04-qat" / "executorch-xnnpack-int8" / "curves.json").read_text())

@@ -1,12 +1,8 @@
 """Stage folders are complete or absent; unchanged stages are reused; a killed run resumes."""
 
 import json
-import os
-import signal
-import subprocess
-import time
 
-from edge_support import CLI, ROOT
+from edge_support import recorded_notes, sigkill_mid_stage
 
 from edge_pipeline.pipeline import run
 
@@ -31,20 +27,7 @@ def test_sigkill_mid_run_leaves_no_partial_stage_and_resumes(write_recipe, tmp_p
     path = write_recipe(prune={"ratio": 0.3, "iterative_steps": 1, "finetune_epochs": 0},
                         distill={"epochs": 40, "patience": 40})
     run_dir = tmp_path / "runs" / "tiny" / "default"
-    proc = subprocess.Popen([*CLI, "run", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            # Killed once distillation has checkpointed an epoch: mid-stage, not between stages.
-            if run_dir.exists() and list(run_dir.glob(".02-distill.tmp-*")) and list(run_dir.glob(".distill-resume-*")):
-                break
-            assert proc.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.2)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    sigkill_mid_stage(["run", str(path)], run_dir, "02-distill", ".distill-resume-*")
     assert not (run_dir / "02-distill").exists(), "a killed stage must not look complete"
     assert (run_dir / "01-prune" / "stage.json").exists()
     checkpoint = next(run_dir.glob(".distill-resume-*"))
@@ -53,15 +36,10 @@ def test_sigkill_mid_run_leaves_no_partial_stage_and_resumes(write_recipe, tmp_p
     done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
     from edge_pipeline import progress
 
-    class Notes(progress._Silent):  # what the pipeline says: training is deterministic, only this tells a resume
-        said: list = []
-
-        def note(self, message):
-            self.said.append(message)
-
-    with progress.use_sink(Notes()):
+    notes = recorded_notes()
+    with progress.use_sink(notes):
         resumed = run(path)
-    assert f"distill: resumed after epoch {done_before_kill}" in Notes.said, Notes.said
+    assert f"distill: resumed after epoch {done_before_kill}" in notes.said, notes.said
     assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages["prune"]["status"] == "reused"
     assert resumed.stages["distill"]["status"] == "ran"
     curves = json.loads((run_dir / "02-distill" / "curves.json").read_text())

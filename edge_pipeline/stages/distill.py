@@ -246,15 +246,12 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
                 sched.step()
                 total += loss.item() * len(inputs[0])
                 seen += len(inputs[0])
-            s_val = predict(student, data.val, device=device)
-            val_loss = loss_fn(tensors(s_val), tensors(t_val), y_val).item()
-            point = {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss,
-                     "val_metric": ev.score_outputs(s_val, "val"),
-                     "val_cosine": agreement(s_val, t_val, ev.names)["worst"]["cosine"]}
+            point = epoch_point(predict(student, data.val, device=device), t_val, y_val, loss_fn, ev, epoch,
+                                total / max(1, seen))
             curves.append(point)
             # The metric first; the loss breaks ties. A small val split saturates at 100% within an epoch or two,
             # and on accuracy alone the best checkpoint would be that barely distilled early epoch.
-            score = (sign * point["val_metric"], -val_loss)
+            score = (sign * point["val_metric"], -point["val_loss"])
             if score > best_score:
                 best_score, stale = score, 0
                 best_epoch = epoch + 1
@@ -274,6 +271,14 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
                 break
     student.load_state_dict(best)
     return DistillResult(student.cpu().eval(), arch, curves, best_epoch)
+
+
+def epoch_point(s_val, t_val, y_val, loss_fn, ev: Evaluator, epoch: int, train_loss: float) -> dict:
+    """One epoch's point on the training curve: the loss on val against the teacher, the metric, the cosine."""
+    val_loss = loss_fn(tensors(s_val), tensors(t_val), y_val).item()
+    return {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+            "val_metric": ev.score_outputs(s_val, "val"),
+            "val_cosine": agreement(s_val, t_val, ev.names)["worst"]["cosine"]}
 
 
 def run(ctx, out: Path) -> dict:

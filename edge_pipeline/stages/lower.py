@@ -221,22 +221,12 @@ def _comparison_entry(path: Path, m: dict, example: tuple[torch.Tensor, ...], pr
 
 
 def host_p50_ms(path: Path, example: tuple[torch.Tensor, ...], threads: int, runs: int = 30) -> float:
-    """Median latency of one artifact on this host, in its own runtime: for comparing two builds of one target
-    inside one run (device-test measures the shipped one on each device)."""
-    import time
-
+    """Median latency of one artifact on this host, by the on-device runner's own measurement: for comparing two
+    builds of one target inside one run (device-test measures the shipped one on each device)."""
     from edge_pipeline.devices.runner import load_runner
 
-    runner = load_runner().Model(str(path), threads)
-    inputs = [t.numpy() for t in example]
-    for _ in range(3):
-        runner.run(inputs)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        runner.run(inputs)
-        times.append((time.perf_counter() - t0) * 1000)
-    return float(np.median(times))
+    result, _ = load_runner().measure(str(path), [t.numpy() for t in example], threads, runs=runs, warmup=3)
+    return result["latency"]["p50_ms"]
 
 
 def fallback_candidates(errors_db: dict[str, float], k: int) -> tuple[list[str], str | None]:

@@ -29,11 +29,11 @@ from torch import nn
 from edge_pipeline import distributed, progress
 from edge_pipeline.backends import get_backend, pt2e
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
+from edge_pipeline.evaluation import Evaluator, predict, run_artifact
 from edge_pipeline.interface import FlatModel
 from edge_pipeline.modelio import load_model
 from edge_pipeline.recipe import QatConfig
-from edge_pipeline.stages.distill import loss_for, pick_device
+from edge_pipeline.stages.distill import epoch_point, loss_for, pick_device
 from edge_pipeline.targets import Profile, load_profile
 from edge_pipeline.training import seed_everything, tensors, warmup_cosine
 
@@ -154,12 +154,9 @@ def train(model: nn.Module, teacher: nn.Module, quantizer, calibration, ev: Eval
                 seen += len(inputs[0])
             # The fake-quantized model as lower will convert it: BatchNorm on running statistics, no dropout.
             s_val = predict(copy.deepcopy(prepared).eval(), data.val, batch_size=batch, device=device)
-            val_loss = loss_fn(tensors(s_val), tensors(t_val), y_val).item()
-            point = {"epoch": epoch + 1, "train_loss": total / max(1, seen), "val_loss": val_loss,
-                     "val_metric": ev.score_outputs(s_val, "val"),
-                     "val_cosine": agreement(s_val, t_val, ev.names)["worst"]["cosine"]}
+            point = epoch_point(s_val, t_val, y_val, loss_fn, ev, epoch, total / max(1, seen))
             curves.append(point)
-            score = (sign * point["val_metric"], -val_loss)
+            score = (sign * point["val_metric"], -point["val_loss"])  # as distill: the metric, then the loss
             if score > best_score:
                 best_score, best_epoch = score, epoch + 1
                 best = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
