@@ -103,6 +103,8 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
             "backend": tm["backend"], "precision": tm["precision"], "artifact": tm["artifact"],
             "io": {k: tm["describe"].get(k) for k in ("inputs", "outputs", "quantized_io")},
             "float_layers": tm.get("float_layers", []),
+            # int8 from a calibrated (post-training) build or from the qat stage's trained model
+            "int8_from": None if tm["precision"] != "int8" else (tm.get("qat") or {}).get("shipped", "ptq"),
             "lower": {k: tm.get(k) for k in ("size_bytes", "metric", "test_metric", "metric_drop", "failures")}
             | {"parity": tm.get("parity", {}).get("worst")},
             "devices": {d: _device_brief(m) for d, m in device_results.get(tname, {}).items()},
@@ -113,7 +115,7 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     if classes:
         (out / "labels.txt").write_text("\n".join(classes) + "\n")
     cal = find_stage(run_dir, "calibrate")
-    stages = {s: rec["metrics"] for s in ("teacher", "prune", "distill", "calibrate")
+    stages = {s: rec["metrics"] for s in ("teacher", "prune", "distill", "calibrate", "qat")
               if (r := find_stage(run_dir, s)) for rec in [r[1]]}
     manifest = {
         "schema": MANIFEST_SCHEMA, "name": name, "version": version, "targets": targets,
@@ -219,6 +221,10 @@ def model_card(m: dict) -> str:
                      f"{d['macs_fraction_of_teacher']:.1%} of the teacher's MACs.")
     if "calibrate" in st:
         lines.append(f"- **calibrate**: {st['calibrate']['samples']} samples from the training split.")
+    from_qat = [n for n, t in m["targets"].items() if t.get("int8_from") == "qat"]
+    if "qat" in st:
+        lines.append(f"- **qat** ({st['qat']['mode']}): quantization-aware training against the teacher; int8 "
+                     f"from the trained model for {', '.join(from_qat) or 'no target'} (the others calibrated).")
     lines += ["", "## Targets", "", f"| target | size (bytes) | test {metric} | parity cosine (worst output) | "
               "devices (p50 ms) |", "|---|---|---|---|---|"]
     for name, t in m["targets"].items():
