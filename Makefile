@@ -25,7 +25,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)
-	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml recipes/efficientnet-lite0.yaml --out BENCHMARKS.md
+	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml recipes/efficientnet-lite0.yaml recipes/efficientnet32-qat.yaml --out BENCHMARKS.md
 
 # An emulated arm64 board (qemu-user) in .arm-board/, for tests/test_arm_board.py; needs root.
 arm-board: $(STAMP)

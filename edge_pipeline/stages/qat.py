@@ -1,7 +1,8 @@
-"""Stage 5: quantization-aware training, for int8 targets whose post-training int8 is not good enough.
+"""The qat stage (between calibrate and lower): quantization-aware training, for int8 targets whose
+post-training int8 is not good enough.
 
 Per int8 target: the model lower would ship (distilled, pruned or the teacher) is exported once, prepared with
-the target backend's own QAT quantizer (``prepare_qat_pt2e``: fake quantizers on weights and activations,
+its backend's ``qat_quantizer`` (``prepare_qat_pt2e``: fake quantizers on weights and activations,
 BatchNorm folded into the fake-quantized convs) and trained against the fp32 teacher with the distill stage's
 loss (soft targets at its temperature, its alpha on the labels). The usual schedule: BatchNorm statistics
 frozen after ``freeze_bn_epoch`` epochs, quantizer ranges after ``freeze_observers_epoch``; the epoch with the
