@@ -107,7 +107,7 @@ def test_qat_beats_post_training_int8_on_per_tensor_pretrained_efficientnet(tmp_
     per-tensor weights post-training int8 loses more than a point, and QAT wins it back. Half the benchmark's
     epochs, to keep the suite short: the benchmark's run shows QAT within half a point of float."""
     doc = yaml.safe_load((ROOT / "recipes" / "efficientnet32-qat.yaml").read_text())
-    doc["qat"] |= {"mode": "on", "epochs": 3}  # auto would decide the same here (the benchmark runs it)
+    doc["qat"] |= {"epochs": 3}
     doc |= {"targets": ["executorch-xnnpack-int8-per-tensor"], "output": str(tmp_path)}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(doc))
