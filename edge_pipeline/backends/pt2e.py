@@ -94,6 +94,53 @@ def quantize(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer,
     return convert_pt2e(gm, fold_quantize=fold_quantize)
 
 
+def _pattern_key(pattern, example_inputs, is_cuda, kwargs):
+    """What a pattern's traced graph depends on: its code, the values its closure captured (flags, the conv
+    function), and the example inputs' shapes and dtypes; None where something is not hashable."""
+    fn = getattr(pattern, "fn", pattern)  # torchao's WrapperModule around the pattern function
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return None
+
+    def sig(v):
+        return ("tensor", tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else v
+
+    try:
+        key = (code, tuple(c.cell_contents for c in fn.__closure__ or ()),
+               tuple(sig(x) for x in example_inputs), is_cuda, tuple(sorted((k, sig(v)) for k, v in kwargs.items())))
+        hash(key)
+    except (TypeError, ValueError):  # an empty cell or an unhashable capture: trace it every time
+        return None
+    return key
+
+
+def _cache_pattern_graphs() -> None:
+    """torchao traces every conv+BatchNorm QAT pattern variant with a strict torch.export, again on each
+    ``prepare_qat_pt2e`` (about 12 s here) and ``convert_pt2e`` of a QAT graph (about 38 s), though the patterns
+    never change. The traced graphs are kept, keyed by what they depend on, and each caller gets its own copy."""
+    import copy
+
+    from torchao.quantization.pt2e import qat_utils
+    from torchao.quantization.pt2e import utils as pt2e_utils
+
+    original = pt2e_utils._get_aten_graph_module_for_pattern
+    if getattr(original, "_edge_pipeline_cache", None) is not None:
+        return
+    cache: dict = {}
+
+    def cached(pattern, example_inputs, is_cuda=False, **kwargs):
+        key = _pattern_key(pattern, example_inputs, is_cuda, kwargs)
+        if key is None:
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in cache:
+            cache[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(cache[key])
+
+    cached._edge_pipeline_cache = cache
+    pt2e_utils._get_aten_graph_module_for_pattern = cached  # export_utils imports it from here at call time
+    qat_utils._get_aten_graph_module_for_pattern = cached  # bound at import
+
+
 def prepare_qat(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer) -> tuple[torch.fx.GraphModule, int]:
     """The float model ready for quantization-aware training with this (``is_qat``) quantizer, and the largest
     batch it takes. It comes from the same eval-mode export as post-training int8, so a model's dropout and
@@ -102,6 +149,7 @@ def prepare_qat(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer
     from torchao.quantization.pt2e import move_exported_model_to_train
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
+    _cache_pattern_graphs()
     gm, batch = export_for_calibration(model, calibration)
     canonicalize_clamps(gm)
     move_exported_model_to_train(gm)
@@ -140,6 +188,19 @@ def convert_qat(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer
     for m in converted.modules():  # the graph is in eval form now; say so to exporters that check the flag
         m.training = False
     return converted
+
+
+def qat_outputs(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer, state: dict,
+                split) -> list[np.ndarray]:
+    """The QAT run's int8 graph, converted, run in PyTorch over a split: what its lowered artifact must reproduce."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+
+    from edge_pipeline.evaluation import predict
+
+    _, batch = export_for_calibration(model, calibration)  # the memoized export: the batch it takes
+    gm = convert_qat(model, calibration, quantizer, state)
+    allow_exported_model_train_eval(gm)  # predict switches modes; on a converted graph that changes nothing
+    return predict(gm, split, batch_size=batch)
 
 
 def keep_float(quantizer, layers) -> None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edge_pipeline import progress
-from edge_pipeline.backends import get_backend
+from edge_pipeline.backends import get_backend, pt2e
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
 from edge_pipeline.interface import FlatModel, ModelInterface
@@ -90,13 +90,14 @@ class Reference:
                 "int8_weights_only_test_metric": self.ev.score_outputs(weights_only, "test")}
 
 
-def evaluate(path: Path, ref: Reference, profile: Profile) -> dict:
+def evaluate(path: Path, ref: Reference, profile: Profile, parity_reference: list[np.ndarray] | None = None) -> dict:
     """An artifact run in its own runtime over val and test, scored, and compared output by output with the
-    float model it came from on the whole test split (parity)."""
+    model it came from on the whole test split (parity): the float model, or for a QAT build the trained int8
+    graph in PyTorch (``parity_reference``; QAT changed the weights, so the float model is not its source)."""
     ev = ref.ev
     val = run_artifact(path, ev.data.val, profile.threads)
     test = run_artifact(path, ev.data.test, profile.threads)
-    parity = agreement(test, ref.test, ev.names)
+    parity = agreement(test, ref.test if parity_reference is None else parity_reference, ev.names)
     tol, worst = profile.budgets.parity, parity["worst"]
     # Top-1 agreement is checked on the output the metric ranks classes of; box or embedding outputs have none.
     top1 = parity["outputs"][ev.metric.output]["top1_agreement"] if ev.metric.output else None
@@ -127,7 +128,9 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
         extra = {"qat": trained} if trained is not None else {}
         path = backend.export(model, example, calibration, profile, folder, iface, float_layers=float_layers,
                               fixtures=False, **extra)
-        return path, evaluate(path, ref, profile)
+        source = None if trained is None else pt2e.qat_outputs(model, calibration, backend.qat_quantizer(profile),
+                                                               trained, ref.ev.data.test)
+        return path, evaluate(path, ref, profile, source)
 
     def better(a: float, b: float) -> bool:
         return a > b if metric.higher_is_better else a < b
@@ -148,7 +151,11 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
         qat_path, qat_metrics = build((), trial, trained=qat)
         comparison = {"ptq": _comparison_entry(path, metrics, example, profile),
                       "qat": _comparison_entry(qat_path, qat_metrics, example, profile)}
-        use_qat = better(qat_metrics["val_metric"], metrics["val_metric"])  # a tie keeps the calibrated build
+        # The build that meets its budgets (parity, size, accuracy); of two that do, or neither, the better on val.
+        # A tie keeps the calibrated build.
+        ptq_ok, qat_ok = (not budget_failures(profile, m) for m in (metrics, qat_metrics))
+        use_qat = qat_ok and not ptq_ok or (qat_ok == ptq_ok and better(qat_metrics["val_metric"],
+                                                                         metrics["val_metric"]))
         comparison["shipped"] = "qat" if use_qat else "ptq"
         if use_qat:
             shutil.rmtree(tdir)
@@ -156,8 +163,10 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
             path, metrics = tdir / qat_path.name, qat_metrics
         else:
             shutil.rmtree(trial)
+        comparison["ptq"]["meets_budgets"], comparison["qat"]["meets_budgets"] = ptq_ok, qat_ok
         progress.note(f"{profile.name}: {comparison['shipped'].upper()} ships ({metric.name} on val: PTQ "
-                      f"{comparison['ptq']['val_metric']:.4f}, QAT {comparison['qat']['val_metric']:.4f})")
+                      f"{comparison['ptq']['val_metric']:.4f}, QAT {comparison['qat']['val_metric']:.4f}; budgets met: "
+                      f"PTQ {'yes' if ptq_ok else 'no'}, QAT {'yes' if qat_ok else 'no'})")
     elif int8 and profile.budgets.max_accuracy_drop is not None and missed(metrics):
         if not mixed:
             metrics["fallback"] = {"unsupported": f"backend {profile.backend} cannot keep layers in float; "
