@@ -60,9 +60,15 @@ def to_log(path: Path) -> Iterator[Path]:
             os.close(fd)
 
 
+# Written into a failed stage's log before the crash's traceback: the log keeps it, the terminal shows the
+# libraries' lines before it (the error line itself is printed after them).
+TRACEBACK_MARK = "\n--- edge-pipeline: the failure's traceback ---\n"
+
+
 def tail(path: Path, lines: int = 15) -> list[str]:
-    """The last lines of a log (what a failure shows beside the log's path)."""
+    """The last lines of a log that libraries wrote (what a failure shows beside the log's path)."""
     try:
-        return path.read_text(errors="replace").splitlines()[-lines:]
+        text = path.read_text(errors="replace")
     except OSError:
         return []
+    return text.split(TRACEBACK_MARK)[0].splitlines()[-lines:]

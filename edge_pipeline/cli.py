@@ -81,28 +81,27 @@ def _with_progress(fn):
 
 
 def handle_errors(fn):
-    """PipelineError -> its message and exit code, no traceback (unless --debug)."""
+    """PipelineError -> its message and exit code, no traceback (``--debug`` adds it; the exit code stays)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug")
         try:
             return fn(*args, **kwargs)
-        except PipelineError as e:
-            if debug:
-                raise
-            _show_log(e)
-            console.print(f"[bold red]error:[/bold red] {e}", highlight=False)
-            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             console.print("[bold red]interrupted[/bold red] (run.json records it; the next run resumes)")
             sys.exit(EXIT_INTERRUPTED)
         except Exception as e:  # noqa: BLE001 - a crash is reported, not dumped; --debug shows the traceback
             if debug:
-                raise
+                console.print_exception()
             _show_log(e)
-            console.print(f"[bold red]internal error:[/bold red] {type(e).__name__}: {e}\n"
-                          "  run again with --debug for the traceback", highlight=False)
+            stage = getattr(e, "stage", None)
+            where = f"stage {stage} failed: " if stage else ""
+            if isinstance(e, PipelineError):
+                console.print(f"[bold red]error:[/bold red] {where}{e}", highlight=False)
+                sys.exit(e.exit_code)
+            console.print(f"[bold red]internal error:[/bold red] {where}{type(e).__name__}: {e}" +
+                          ("" if debug else "\n  run again with --debug for the traceback"), highlight=False)
             sys.exit(EXIT_INTERNAL)
 
     return wrapper
@@ -114,6 +113,7 @@ def _show_log(err: BaseException) -> None:
     lines = capture.tail(path) if path else []
     if lines:
         console.print("\n".join(lines), style="dim", highlight=False, markup=False)
+    if path:
         console.print(f"log: {path}", highlight=False)
 
 
@@ -152,8 +152,8 @@ def _print_summary(summary) -> None:
         if name == "lower":  # per-target figures are in the targets x devices table; here the count and reasons
             targets = m.get("targets", {})
             failed = {t: v["failures"] for t, v in targets.items() if v.get("failures")}
-            figures = f"{len(targets) - len(failed)} of {len(targets)} targets ok" + "".join(
-                f"; {t} failed: {'; '.join(f)[:160]}" for t, f in failed.items())
+            figures = f"{len(targets) - len(failed)} of {len(targets)} targets ok" + (
+                f" ({', '.join(failed)} failed: see below)" if failed else "")
             shipped = [f"{t}: {v['qat']['shipped'].upper()}" for t, v in targets.items() if v.get("qat")]
             figures += f"; ships {', '.join(shipped)}" if shipped else ""
         elif name == "qat" and m.get("targets"):
@@ -164,8 +164,6 @@ def _print_summary(summary) -> None:
         secs = s.get("seconds")
         table.add_row(name, s["status"], "" if secs is None else f"{secs:.1f}", figures)
     console.print(table)
-    if summary.failed_targets:
-        console.print(f"[bold red]targets that failed:[/bold red] {', '.join(summary.failed_targets)}")
     console.print(f"run directory: {summary.run_dir}  (run.json inside)", highlight=False)
 
 
@@ -196,9 +194,11 @@ def _run_command(recipe, out_dir, run_id, from_stage, only, force, as_json, unti
     if as_json:
         print(json.dumps(summary.run_json, indent=1, default=str))
     _print_summary(summary)
-    dev = summary.run_json.get("stages", {}).get("device-test")
+    stages = summary.run_json.get("stages", {})
+    dev, lowered = stages.get("device-test"), stages.get("lower", {}).get("metrics", {}).get("targets", {})
     if dev:
-        _print_targets(console, dev["metrics"]["results"], "targets × devices")
+        _print_targets(console, dev["metrics"]["results"], "targets × devices", lowered)
+    _print_failures(summary.failed_targets, lowered, dev["metrics"]["results"] if dev else {})
     report = summary.run_dir / "report.html"
     if report.is_file():
         console.print(f"report: {report}")
@@ -251,9 +251,25 @@ _stage_command("qat", "Quantization-aware training for the int8 targets (qat.mod
 _stage_command("lower", "Lower the model to every target's runtime format.")
 
 
-def _print_targets(con: Console, results: dict, title: str) -> None:
+def _print_failures(failed: list[str], lowered: dict, results: dict) -> None:
+    """Every check a failed target missed, one line each with its figure and budget: where it failed (lower, on
+    the artifact in its runtime; or a device) and what."""
+    if not failed:
+        return
+    console.print(f"[bold red]targets that failed:[/bold red] {', '.join(failed)}")
+    for target in failed:
+        lower = lowered.get(target, {})
+        lines = [f"lower: {f}" for f in lower.get("failures", [])]
+        if lower.get("error") and lower.get("error") not in lower.get("failures", []):
+            lines.append(f"lower: {lower['error']}")
+        lines += [f"{device}: {f}" for device, m in results.get(target, {}).items() for f in m.get("failures", [])]
+        for line in lines:
+            console.print(f"  {target}  {line}", highlight=False, markup=False)
+
+
+def _print_targets(con: Console, results: dict, title: str, lowered: dict | None = None) -> None:
     """Targets x devices: the figures that decide a release, then each note once, below the table (a note
-    in a cell would wrap the table on a narrow terminal)."""
+    in a cell would wrap the table on a narrow terminal). A target that failed in lower says so in its status."""
     table = Table(title=title)
     for col in ("target", "device", "size (B)", "p50 ms", "model MB", "test metric", "status"):
         table.add_column(col)
@@ -264,7 +280,9 @@ def _print_targets(con: Console, results: dict, title: str) -> None:
                 word = "unreachable" if m.get("unreachable") else "error"
                 table.add_row(target, device, *[""] * 4, f"[red]{word}: {m['error'].splitlines()[0][:80]}[/red]")
                 continue
-            status = "[red]" + "; ".join(m["failures"]) + "[/red]" if m.get("failures") else "[green]ok[/green]"
+            lower_failed = bool((lowered or {}).get(target, {}).get("failures"))
+            status = ("[red]" + "; ".join(m["failures"]) + "[/red]" if m.get("failures") else
+                      "[red]failed in lower (below)[/red]" if lower_failed else "[green]ok[/green]")
             marks = []
             for note in m.get("notes", []) + (["latency unstable (high CV)"] if m["latency"].get("unstable") else []):
                 if note not in notes:

@@ -24,8 +24,8 @@ def evaluator_for_run(run_dir: Path):
                             hint="pass runs/<recipe>/<run-id> after edge-pipeline run")
     run_doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     recipe = run_doc.get("recipe") or {}
-    data = load_data(teacher[1]["config"]["data"], preprocess=recipe.get("preprocess"))
     iface = ModelInterface.from_dict(teacher[1]["metrics"]["interface"])
+    data = load_data(teacher[1]["config"]["data"], preprocess=recipe.get("preprocess")).ordered_as(iface.input_names)
     metric = resolve_metric(recipe.get("metric", "auto"), iface.output_names, data.train.y is not None,
                             recipe.get("metric_output"))
     model, _ = load_model(teacher[0] / "model.pt")

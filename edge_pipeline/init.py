@@ -46,13 +46,16 @@ def starter_recipe(model: str, data: str, targets: list[str] | None = None, name
     doc |= {"calibrate": {"set": f"calibration/{name}-256", "samples": 256},
             "targets": list(targets or DEFAULT_TARGETS), "devices": ["local"], "package": {"version": "0.1.0"}}
     ctx = Context(parse_recipe(doc, "edge-pipeline init"), "edge-pipeline init", store=None)
-    ctx.data = loaded  # loaded once, above
+    ctx.loaded_data = loaded  # loaded once, above
     ctx.preflight()  # what a run checks before any work: data, the model on an example batch, prune and distill
     if not labelled and len(ctx.iface.outputs) == 1 and len(ctx.iface.outputs[0].shape) == 1:
         doc = {**doc, "metric": "agreement"}  # class scores: top-1 agreement with the float model
     iface, metric = ctx.iface, ("agreement" if doc.get("metric") else ctx.metric.name)
     rows = len(loaded.train) + len(loaded.val) + len(loaded.test)
     io = [f"#   input  {s.name}: {list(s.shape)} {s.dtype}" for s in iface.inputs]
+    if loaded.input_names and loaded.input_names != iface.input_names:
+        io.insert(0, f"#   (the data's keys {', '.join(loaded.input_names)} go to forward's parameters by name, "
+                     f"in forward's order)")
     io += [f"#   output {s.name}: {list(s.shape)} {s.dtype}" for s in iface.outputs]
     head = [f"# Written by `edge-pipeline init`: {name} on {data} ({rows} samples, "
             f"{'labelled' if labelled else 'no labels'}; metric: {metric}).",

@@ -111,6 +111,34 @@ def parameter_names(model: nn.Module, n: int) -> list[str]:
     return names + [f"input_{i}" for i in range(len(names), n)]
 
 
+def bind_inputs(model: nn.Module, names: list[str], where: str = "data") -> list[str]:
+    """Named data items (a tokenizer's dict, a Dataset's dict) go to ``forward``'s parameters by name, whatever
+    the keys' order: returns the names in the order ``forward`` takes them by position. A key ``forward`` does
+    not take is refused, naming it; so is a gap (a parameter before the last given one that the data lacks),
+    since every exported model takes its inputs by position."""
+    try:
+        params = [p for p in inspect.signature(unwrap(model).forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        return names
+    order = [p.name for p in params]
+    shown = f"forward({', '.join(order)})"
+    unknown = [n for n in names if n not in order]
+    if unknown:
+        raise PipelineError(f"data key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                            f"{'are' if len(unknown) > 1 else 'is'} not a parameter of the model's {shown}",
+                            where=where, hint="rename the keys after forward's parameters, or drop them from the "
+                                              "items the data source yields")
+    bound = sorted(names, key=order.index)
+    missing = [p for p in order[:order.index(bound[-1])] if p not in names]
+    if missing:
+        raise PipelineError(f"the data gives {', '.join(map(repr, bound))} but not {', '.join(map(repr, missing))}, "
+                            f"which comes before them in {shown}", where=where,
+                            hint="exported models take inputs by position: give those keys too (e.g. an "
+                                 "all-ones attention mask), or wrap the model so forward takes only what the data has")
+    return bound
+
+
 def discover(model: nn.Module, example: tuple[np.ndarray, ...], names: list[str] | None = None,
              where: str = "model") -> ModelInterface:
     """Run the model once on an example batch (rows >= 1) and record its inputs and outputs."""

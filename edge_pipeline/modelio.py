@@ -3,6 +3,10 @@
 A model file is a plain tensor ``state_dict`` (loaded with ``weights_only=True``) plus a JSON sidecar naming
 the source architecture and the shape attributes pruning changed. Loading rebuilds the source architecture,
 resizes each parameter to the saved shape and loads strictly, so a file for another architecture is refused.
+
+Only plain instance attributes are recorded and restored (what torch-pruning rewrites: ``Conv2d.out_channels``
+and the like). A value a module derives from its children (timm's ``ConvNormAct.in_channels``, a read-only
+property) is never set: it follows from the restored children by itself.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ def save_model(model: nn.Module, arch: dict, path: Path) -> None:
     """Write ``path`` (.pt state_dict) and ``path.with_suffix('.json')`` (architecture + shapes)."""
     shapes = {}
     for name, mod in model.named_modules():
-        attrs = {a: getattr(mod, a) for a in SHAPE_ATTRS if isinstance(getattr(mod, a, None), (int, tuple))}
+        own = vars(mod)
+        attrs = {a: own[a] for a in SHAPE_ATTRS if isinstance(own.get(a), (int, tuple))}
         if attrs:
             shapes[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in attrs.items()}
     torch.save(model.state_dict(), path)
@@ -46,8 +51,10 @@ def load_model(path: Path) -> tuple[nn.Module, dict]:
         raise PipelineError(f"{path} does not fit architecture {arch['source']}: no layer '{unknown[0]}'",
                             where=str(path), hint="the file was saved from another model")
     for name, attrs in arch.get("shapes", {}).items():
+        own = vars(modules[name])
         for k, v in attrs.items():
-            setattr(modules[name], k, tuple(v) if isinstance(v, list) else v)
+            if k in own:  # an instance attribute, as recorded; never a property of the user's class
+                own[k] = tuple(v) if isinstance(v, list) else v
     own = model.state_dict()
     for key, tensor in state.items():
         if key not in own:

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -81,21 +82,38 @@ class Context:
     current_stage: str | None = None
 
     @cached_property
-    def data(self):
+    def loaded_data(self):
+        """The data as its source gives it (named inputs in the source's key order)."""
         from edge_pipeline.sources import load_data
 
         return load_data(self.recipe.data, where=f"{self.recipe_path}: data",
                          preprocess=self.recipe.preprocess.model_dump())
 
     @cached_property
+    def data(self):
+        """The data every stage uses: named inputs (dict items) in the order ``forward`` takes them."""
+        from edge_pipeline.interface import bind_inputs
+
+        raw = self.loaded_data
+        if raw.input_names is None:
+            return raw
+        return raw.ordered_as(bind_inputs(self.fresh_model, raw.input_names, where=f"{self.recipe_path}: data"))
+
+    @cached_property
+    def fresh_model(self):
+        """The recipe's model as built from its source (no trained weights): its signature and interface."""
+        from edge_pipeline.sources import build_model
+
+        raw = self.loaded_data
+        return build_model(self.recipe.model, raw.num_classes, raw.input_shape[0], where=f"{self.recipe_path}: model")
+
+    @cached_property
     def iface(self):
         """The model interface, discovered from a freshly built teacher and the data's example batch."""
         from edge_pipeline.interface import discover
-        from edge_pipeline.sources import build_model
 
-        model = build_model(self.recipe.model, self.data.num_classes, self.data.input_shape[0],
-                            where=f"{self.recipe_path}: model")
-        return discover(model, self.data.example, self.data.input_names, where=f"{self.recipe_path}: model")
+        return discover(self.fresh_model, self.data.example, self.data.input_names,
+                        where=f"{self.recipe_path}: model")
 
     @cached_property
     def metric(self):
@@ -218,8 +236,20 @@ def _record_failure(ctx: Context, recipe_doc: dict, ddp: bool, status: str, err:
     unreachable = ctx.metrics.get("device-test", {}).get("unreachable_devices")
     if unreachable:
         known["unreachable_devices"] = unreachable
+    failed = sorted({t for m in ctx.metrics.values() for t in m.get("failed_targets", [])})
+    metric = {"metric": ctx.metric.name} if "metric" in ctx.__dict__ else {}
     ctx.store.write_run_json(recipe_doc, ctx.recipe_path, status,
-                             {"failed_stage": ctx.current_stage, "error": message.strip() or status, **known})
+                             {"failed_stage": ctx.current_stage, "error": message.strip() or status,
+                              "failed_targets": failed, **metric, **known})
+    with contextlib.suppress(Exception):  # the report of a failure must not hide the failure itself
+        _write_report(ctx)  # what was done before the failure, and the failure itself
+
+
+def _write_report(ctx: Context) -> None:
+    from edge_pipeline.report import write_report
+
+    if ctx.store.dir.is_dir():
+        write_report(ctx.store.dir, ctx.store.dir / "report.html")
 
 
 def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, force, until) -> RunSummary:
@@ -271,14 +301,12 @@ def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, for
     unreachable = ctx.metrics.get("device-test", {}).get("unreachable_devices", {})
     if ddp and not distributed.is_main():
         return RunSummary(store.dir, summary, {}, failed, unreachable)
-    if ctx.keys.get("lower", "disabled") != "disabled" and store.record("lower"):
-        from edge_pipeline.report import write_report
-
-        write_report(store.dir, store.dir / "report.html")
     status = "failed-targets" if failed else "devices-unreachable" if unreachable else "ok"
     doc = store.write_run_json(recipe_doc, ctx.recipe_path, status,
                                {"failed_targets": failed, "unreachable_devices": unreachable,
                                 "interface": ctx.iface.to_dict(), "metric": ctx.metric.name})
+    if ctx.keys.get("lower", "disabled") != "disabled" and store.record("lower"):
+        _write_report(ctx)
     return RunSummary(store.dir, summary, doc, failed, unreachable)
 
 
@@ -303,6 +331,11 @@ def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, 
                 stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
                 metrics = stage_mod.run(ctx, tmp)
         except BaseException as e:
+            e.stage = sd.name
+            if not isinstance(e, (PipelineError, KeyboardInterrupt)):  # a crash: its traceback goes to the log
+                with open(log, "a") as f:
+                    f.write(capture.TRACEBACK_MARK)
+                    traceback.print_exception(e, file=f)
             if log.is_file() and log.stat().st_size:  # the stage folder goes; its log stays for the error to show
                 kept = ctx.store.dir / f"failed-{ctx.store.folder_name(sd.name)}.log"
                 shutil.copy(log, kept)

@@ -225,8 +225,14 @@ def _budget(value, limit, fmt: str) -> str:
 def _verdict(run_dir: Path, lower, results: dict) -> str:
     """The first thing the report shows: each target on each device, pass or fail, its figures against its
     budgets, and the reason for any failure."""
+    doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
+    failed = ""
+    if doc.get("status") in ("failed", "interrupted"):
+        failed = (f'<p class="bad"><b>The run {doc["status"]}</b>'
+                  f'{" in stage " + html.escape(str(doc["failed_stage"])) if doc.get("failed_stage") else ""}:</p>'
+                  f'<pre>{html.escape(str(doc.get("error", "")))}</pre>')
     if lower is None:
-        return "<p>No lower stage: nothing was built.</p>"
+        return failed + "<p>No lower stage: nothing was built.</p>"
     budgets = {p["name"]: p.get("budgets", {}) for p in lower[1].get("config", {}).get("targets", [])}
     metric = _metric(run_dir)
     rows, passed, total = [], 0, 0
@@ -251,12 +257,12 @@ def _verdict(run_dir: Path, lower, results: dict) -> str:
                 f"<td>{'–' if score is None else format(score, '.4f')}</td>"
                 f"<td>{_budget(drop, b.get('max_accuracy_drop'), '.4f')}</td>"
                 f"<td>{'–' if parity is None else format(parity, '.5f')}</td>"
-                f"<td>{html.escape('; '.join(str(w) for w in why))[:400]}</td></tr>")
+                f"<td>{'<br>'.join(html.escape(str(w)) for w in why)}</td></tr>")
     head = (f'<p id="verdict-summary"><b>{passed} of {total}</b> target × device checks pass.</p>'
             f"<table id=\"verdict\"><tr><th>target</th><th>device</th><th>verdict</th><th>size (bytes)</th>"
             f"<th>p50 (ms)</th><th>test {html.escape(metric)}</th><th>{html.escape(metric)} drop vs float</th>"
             f"<th>parity cosine (worst output)</th><th>why it failed</th></tr>")
-    return head + "".join(rows) + "</table>"
+    return failed + head + "".join(rows) + "</table>"
 
 
 def _run_facts(run_dir: Path) -> str:

@@ -58,6 +58,19 @@ def _import_callable(source: str, where: str):
     return obj
 
 
+def call_user(source: str, where: str):
+    """Call a user's ``package.module:callable`` (a model or a data source). What it raises is the user's error,
+    reported as bad input (exit 2) naming the callable and its message, not as an internal failure."""
+    fn = _import_callable(source, where)
+    try:
+        return fn()
+    except PipelineError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code failing is bad input, said plainly
+        raise PipelineError(f"'{source}' raised {type(e).__name__}: {e}", where=where,
+                            hint="the error is inside that callable: run it alone to see the traceback") from None
+
+
 def check_model_source(source: str, where: str) -> None:
     if is_zoo(source):
         name = source[4:]
@@ -80,7 +93,7 @@ def build_model(source: str, num_classes: int | None, in_channels: int, width: f
         return MODEL_ZOO[source[4:]](num_classes=num_classes or 10, in_channels=in_channels, width=width)
     if width != 1.0:
         raise PipelineError("a width multiplier only applies to zoo models", where=where)
-    model = _import_callable(source, where)()
+    model = call_user(source, where)
     if not isinstance(model, nn.Module):
         raise PipelineError(f"'{source}' returned {type(model).__name__}, not a torch.nn.Module", where=where)
     return model
@@ -115,12 +128,7 @@ def load_data(source: str, where: str = "data", preprocess: dict | None = None) 
         from edge_pipeline.sources.images import load_image_folder
 
         return load_image_folder(path, preprocess)
-    try:
-        out = _import_callable(source, where)()
-    except PipelineError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the user's loader failing is bad input, said plainly
-        raise PipelineError(f"data source '{source}' raised {type(e).__name__}: {e}", where=where) from None
+    out = call_user(source, where)
     if isinstance(out, Splits):
         return out
     if isinstance(out, dict):

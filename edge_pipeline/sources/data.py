@@ -9,6 +9,7 @@ not fit in RAM. Everything is checked before any training: labels, NaN/Inf, leng
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -156,6 +157,29 @@ class StreamSplit(Split):
 
 
 @dataclass(frozen=True, eq=False)
+class ReorderedSplit(Split):
+    """Another split's inputs in another order (named inputs bound to ``forward``'s parameters)."""
+
+    inner: Split
+    order: tuple[int, ...]
+
+    @property
+    def y(self) -> np.ndarray | None:
+        return self.inner.y
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def rows(self, idx) -> tuple[np.ndarray, ...]:
+        inputs = self.inner.rows(idx)
+        return tuple(inputs[i] for i in self.order)
+
+    def update_hash(self, h) -> None:
+        self.inner.update_hash(h)
+        h.update(str(self.order).encode())
+
+
+@dataclass(frozen=True, eq=False)
 class Splits:
     train: Split
     val: Split
@@ -178,6 +202,14 @@ class Splits:
     @property
     def num_classes(self) -> int | None:
         return len(self.classes) if self.classes else None
+
+    def ordered_as(self, names: list[str]) -> Splits:
+        """The same data with its named inputs in this order (``forward``'s, from ``interface.bind_inputs``)."""
+        if self.input_names is None or list(self.input_names) == list(names):
+            return self
+        perm = tuple(self.input_names.index(n) for n in names)
+        return dataclasses.replace(self, train=ReorderedSplit(self.train, perm), val=ReorderedSplit(self.val, perm),
+                                   test=ReorderedSplit(self.test, perm), input_names=list(names))
 
     def fingerprint(self) -> str:
         """sha256 over the data: a changed data set changes every downstream cache key."""
