@@ -9,10 +9,13 @@ RECIPE ?= recipes/digits.yaml
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# The model-zoo check's architectures: timm (its pins want a newer torch, so without its dependencies, which
+	# are here already) and torchvision for torch 2.13 (transformers comes with litert-torch).
+	$(BIN)/python -m pip install --quiet --no-deps timm==1.0.31 torchvision==0.28.0
 	touch $(STAMP)
 
 demo: $(STAMP)

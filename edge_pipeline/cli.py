@@ -71,13 +71,22 @@ class RichSink:
         self.p.console.print(f"[dim]·[/dim] {message}")
 
 
-def _with_progress(fn):
+def _with_progress(fn, log=None):
+    """Runs ``fn`` with progress bars; with ``log``, other libraries' output goes there (shown on a failure)."""
     from edge_pipeline import progress as prog
 
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True)
     with bar, prog.use_sink(RichSink(bar)):
-        return fn()
+        if log is None:
+            return fn()
+        try:
+            with capture.to_log(log):
+                return fn()
+        except BaseException as e:
+            if getattr(e, "log_path", None) is None and log.is_file() and log.stat().st_size:
+                e.log_path = log
+            raise
 
 
 def handle_errors(fn):
@@ -314,7 +323,8 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
 
     from edge_pipeline.device_testing import test_run
 
-    results_path = _with_progress(lambda: test_run(Path(run_dir), list(devices), threads, runs, warmup, timeout))
+    results_path = _with_progress(lambda: test_run(Path(run_dir), list(devices), threads, runs, warmup, timeout),
+                                  log=Path(run_dir) / "test-log.txt")
     results = json.loads(results_path.read_text())
     _print_targets(out, results["results"], f"device test of {run_dir}")
     import importlib.util
@@ -355,13 +365,15 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
 @handle_errors
 def init_command(model, weights, data, targets, out_path, force):
     """Write a starter recipe for your model and data, checked as a run would check it."""
+    import tempfile
     from pathlib import Path
 
     from edge_pipeline.init import default_name, write_starter
 
     path = Path(out_path or f"recipes/{default_name(model)}.yaml")
-    written = _with_progress(lambda: write_starter(path, model, data, list(targets) or None, force,
-                                                           weights))
+    log = Path(tempfile.gettempdir()) / f"edge-pipeline-init-{os.getpid()}.log"  # kept only when init fails
+    written = _with_progress(lambda: write_starter(path, model, data, list(targets) or None, force, weights), log=log)
+    log.unlink(missing_ok=True)
     out.print(f"wrote {written}\nnext: edge-pipeline run {written}")
 
 
@@ -380,7 +392,8 @@ def package_command(run_dir, version, dist, allow_failing, allow_incomplete):
     from edge_pipeline.stages.package import package
 
     bundle, tar_path = _with_progress(lambda: package(Path(run_dir), version, Path(dist), allow_failing,
-                                                      allow_incomplete=allow_incomplete))
+                                                      allow_incomplete=allow_incomplete),
+                                      log=Path(run_dir) / "package-log.txt")
     out.print(f"bundle: {bundle}\narchive: {tar_path}")
 
 

@@ -49,3 +49,6 @@ def test_a_failing_stage_shows_the_last_lines_of_its_log_and_where_it_is(write_r
     assert NOISE in res.stderr and "the kernel refused this batch" in res.stderr
     log = next((tmp_path / "runs").rglob("failed-*teacher.log"))
     assert NOISE in log.read_text() and f"log: {log}" in " ".join(res.stderr.split())
+    assert "stage teacher failed" in res.stderr and "Traceback" in log.read_text(), "the crash is named and logged"
+    report = (log.parent / "report.html").read_text()
+    assert "The run failed</b> in stage teacher" in report and "the kernel refused this batch" in report

@@ -71,7 +71,9 @@ def tv_mobilenet_v3_small():
 
 
 def bert_tiny():
-    """A BERT-style encoder from a config (two layers, hidden 64), returning ``SequenceClassifierOutput``."""
+    """A BERT-style encoder from a config (two layers, hidden 64), returning ``SequenceClassifierOutput``.
+    (transformers imports torchvision where it is installed, so it needs the same workaround here.)"""
+    importable_torchvision()
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
@@ -135,3 +137,21 @@ class TokenItems(torch.utils.data.Dataset):
 
 def token_items():
     return TokenItems()
+
+
+def train_briefly(model: torch.nn.Module, source: str, epochs: int, lr: float = 3e-3) -> dict:
+    """A few epochs of plain cross-entropy training on the source's train split (named inputs bound to forward's
+    parameters, the first output scored), so the weights mean something; returns the state_dict ``--weights``
+    takes."""
+    from torch.nn import functional as F
+
+    from edge_pipeline.interface import FlatModel, bind_inputs
+    from edge_pipeline.sources import load_data
+    from edge_pipeline.training import fit
+
+    data = load_data(source)
+    if data.input_names:
+        data = data.ordered_as(bind_inputs(model, data.input_names))
+    flat = FlatModel(model)
+    fit(flat, data.train, epochs, lr, batch_loss=lambda xs, y: F.cross_entropy(flat(*xs)[0], y))
+    return model.eval().state_dict()

@@ -196,16 +196,26 @@ def nodes_kept_float(float_path: Path, pre_path: Path, layers) -> list[str]:
     return sorted(by_weight | by_scope | set(infinite_nodes(pre)))
 
 
-def infinite_nodes(model) -> list[str]:
-    """Nodes downstream of a non-finite constant, up to and including the Softmax that absorbs it."""
+def _sentinel(t) -> bool:
+    """A float constant holding +-inf or a masking sentinel (``finfo.min``, -1e4, -1e9)."""
     from onnx import numpy_helper
 
-    inf = {t.name for t in model.graph.initializer
-           if t.data_type in (1, 10, 11) and not np.isfinite(numpy_helper.to_array(t)).all()}
+    from edge_pipeline.backends.pt2e import SENTINEL
+
+    if t.data_type not in (1, 10, 11):  # float, float16, double
+        return False
+    a = numpy_helper.to_array(t)
+    return bool(a.size) and (not np.isfinite(a).all() or float(np.abs(a).max()) >= SENTINEL)
+
+
+def infinite_nodes(model) -> list[str]:
+    """Nodes downstream of a constant that holds +-inf or a masking sentinel (a transformer's attention mask:
+    Hugging Face fills it with ``finfo(float32).min``), up to and including the Softmax that absorbs it: one
+    int8 range over such values leaves every real score in one step."""
+    inf = {t.name for t in model.graph.initializer if _sentinel(t)}
     out = []
     for n in model.graph.node:  # ONNX graphs are topologically sorted
-        if n.op_type == "Constant" and any(a.t.data_type in (1, 10, 11) and not np.isfinite(
-                numpy_helper.to_array(a.t)).all() for a in n.attribute if a.name == "value"):
+        if n.op_type == "Constant" and any(_sentinel(a.t) for a in n.attribute if a.name == "value"):
             inf.update(n.output)
         elif inf & set(n.input):
             out.append(n.name)

@@ -13,6 +13,9 @@ from edge_pipeline.interface import flat_name
 from edge_pipeline.targets import Profile
 
 PT2E_METHODS = ("minmax", "moving_average", "histogram")
+# Values this large are masking sentinels (an attention mask's finfo.min, -1e4, -1e9) or infinities, never
+# activations: a tensor that holds them is kept in float (one int8 range over them leaves nothing of the rest).
+SENTINEL = 1e4
 
 
 def activation_observer(method: str, backend: str):
@@ -86,7 +89,7 @@ def quantize(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer,
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     gm, batch = export_for_calibration(model, calibration)
-    canonicalize_clamps(gm)
+    canonicalize(gm, calibration, batch)
     gm = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for i in range(0, len(calibration[0]), batch):
@@ -151,7 +154,7 @@ def prepare_qat(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer
 
     _cache_pattern_graphs()
     gm, batch = export_for_calibration(model, calibration)
-    canonicalize_clamps(gm)
+    canonicalize(gm, calibration, batch)
     move_exported_model_to_train(gm)
     return prepare_qat_pt2e(gm, quantizer), batch
 
@@ -215,6 +218,38 @@ def keep_float(quantizer, layers) -> None:
         quantizer.module_name_config[flat_name(name)] = None
 
 
+def canonicalize(gm: torch.fx.GraphModule, calibration: tuple[np.ndarray, ...], batch: int) -> None:
+    """The float graph as the quantizers should see it: clamps in their fusable form, and every tensor that
+    carries a masking sentinel on the first calibration rows marked (:func:`mark_sentinels`)."""
+    canonicalize_clamps(gm)
+    rows = min(len(calibration[0]), SENTINEL_ROWS)
+    mark_sentinels(gm, [tuple(torch.from_numpy(a[i:i + batch]) for a in calibration) for i in range(0, rows, batch)])
+
+
+SENTINEL_ROWS = 64  # calibration rows searched for masking sentinels (a mask shows only where a row is padded)
+
+
+@torch.no_grad()
+def mark_sentinels(gm: torch.fx.GraphModule, batches) -> int:
+    """Marks (``meta["sentinel"]``) each node whose float output holds +-inf or a value >= :data:`SENTINEL` in
+    magnitude on any of these input batches: an attention mask, and the scores it is added to. The quantizer
+    wrapper leaves them float. Returns how many."""
+    marked: set[str] = set()
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if (isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel()
+                    and not bool((out.abs() < SENTINEL).all())):
+                n.meta["sentinel"] = True
+                marked.add(n.name)
+            return out
+
+    for inputs in batches:
+        Recorder(gm).run(*inputs)
+    return len(marked)
+
+
 def canonicalize_clamps(gm: torch.fx.GraphModule) -> None:
     """``clamp(x, 0, 6)`` and ``relu6`` (how models write ReLU6) become ``hardtanh(x, 0, 6)``, and ``clamp(x,
     min=0)`` becomes ``relu``: the same function, in the form quantizers and XNNPACK fuse into the op before it."""
@@ -243,7 +278,8 @@ class FusedActivations:
     pre-activation output, whose range after BatchNorm folding is wide, and only then clamps, so MobileNet-
     and EfficientNet-Lite-style models lose most of their int8 resolution. Here the producer's output stays
     float and the activation's output carries its quantization spec, as the conv+ReLU pattern does (XNNPACK then
-    fuses the clamp into the int8 op as its output range).
+    fuses the clamp into the int8 op as its output range). Integer tensors lose any annotation the inner
+    quantizer gave them, and so do masking sentinels (:func:`drop_unquantizable_annotations`).
     """
 
     ACTIVATIONS = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default")
@@ -260,6 +296,7 @@ class FusedActivations:
 
     def annotate(self, gm):
         gm = self.inner.annotate(gm)
+        drop_unquantizable_annotations(gm)
         fuse_activation_annotations(gm, self.ACTIVATIONS, self.PRODUCERS)
         return gm
 
@@ -269,6 +306,33 @@ class FusedActivations:
 
 def _op(n) -> str:
     return str(n.target).removeprefix("aten.")
+
+
+def drop_unquantizable_annotations(gm) -> int:
+    """Integer tensors and tensors holding masking sentinels are never quantized. The quantizers annotate
+    ``add``/``mul`` by op alone, so index arithmetic on int64 (a transformer's attention-mask positions) got
+    observers that turn it into float, and ``index`` then failed ("tensors used as indices must be long"); and
+    an attention mask's ``finfo.min`` stretched its add's int8 range over every real score. Returns how many
+    annotations were dropped."""
+    key, dropped = "quantization_annotation", 0
+
+    def integer(node) -> bool:
+        if not isinstance(node, torch.fx.Node):
+            return False
+        val = node.meta.get("val")
+        return node.meta.get("sentinel", False) or (isinstance(val, torch.Tensor) and not val.is_floating_point())
+
+    for n in gm.graph.nodes:
+        a = n.meta.get(key)
+        if a is None:
+            continue
+        if a.output_qspec is not None and integer(n):
+            a.output_qspec = None
+            dropped += 1
+        for inp in [i for i in a.input_qspec_map if integer(i)]:
+            del a.input_qspec_map[inp]
+            dropped += 1
+    return dropped
 
 
 def fuse_activation_annotations(gm, activations, producers) -> int:
@@ -312,7 +376,7 @@ def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tu
     from edge_pipeline.layer_error import blame
 
     gm, batch = export_for_calibration(model, calibration)
-    canonicalize_clamps(gm)
+    canonicalize(gm, calibration, batch)
     # prepare_pt2e folds BatchNorm into the convs: fold the float copy alike, else each float conv's output
     # (before its BatchNorm) would be compared with a quantized conv's output (after it).
     _fuse_conv_bn_(gm)
