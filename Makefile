@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 RECIPE ?= recipes/digits.yaml
 
-.PHONY: install demo test test-fast bench lint clean arm-board
+.PHONY: install demo test test-fast zoo bench lint clean arm-board
 
 install: $(STAMP)
 
@@ -22,10 +22,14 @@ demo: $(STAMP)
 	$(BIN)/edge-pipeline run $(RECIPE)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not zoo"
+
+# The model-zoo check: timm, torchvision and transformers architectures through init and int8 on three runtimes.
+zoo: $(STAMP)
+	$(BIN)/python -m pytest -q -m zoo
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow and not zoo"
 
 bench: $(STAMP)
 	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml recipes/efficientnet-lite0.yaml recipes/efficientnet32-qat.yaml --out BENCHMARKS.md

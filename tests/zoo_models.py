@@ -83,7 +83,7 @@ def bert_tiny():
 
 
 @functools.cache
-def _photo_crops(n_per_class: int = 60) -> tuple[np.ndarray, np.ndarray]:
+def _photo_crops(n_per_class: int = 100) -> tuple[np.ndarray, np.ndarray]:
     import skimage
     from PIL import Image
 
@@ -154,4 +154,14 @@ def train_briefly(model: torch.nn.Module, source: str, epochs: int, lr: float = 
         data = data.ordered_as(bind_inputs(model, data.input_names))
     flat = FlatModel(model)
     fit(flat, data.train, epochs, lr, batch_loss=lambda xs, y: F.cross_entropy(flat(*xs)[0], y))
+    # A few dozen steps move BatchNorm's running statistics little where its momentum is small (torchvision's
+    # MobileNetV3: 0.01): re-estimate them over the train split, as after any short fine-tune.
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the pass
+    model.train()
+    with torch.no_grad():
+        for xs, _ in data.train.batches(64):
+            flat(*map(torch.from_numpy, xs))
     return model.eval().state_dict()

@@ -292,7 +292,10 @@ class FusedActivations:
         return getattr(self.inner, name)
 
     def transform_for_annotation(self, gm):
-        return self.inner.transform_for_annotation(gm)
+        integer = {n.name: n.meta["val"].dtype for n in gm.graph.nodes if _integer(n)}
+        gm = self.inner.transform_for_annotation(gm)
+        _keep_integer_constants(gm, integer)
+        return gm
 
     def annotate(self, gm):
         gm = self.inner.annotate(gm)
@@ -308,6 +311,27 @@ def _op(n) -> str:
     return str(n.target).removeprefix("aten.")
 
 
+def _integer(node) -> bool:
+    val = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+    return isinstance(val, torch.Tensor) and not val.is_floating_point()
+
+
+def _keep_integer_constants(gm, integer: dict) -> None:
+    """The quantizers' annotation pass turns scalar operands of add/mul into float32 tensor constants; on an
+    int64 op (``arange + 1`` in a transformer's mask positions) that made the result float, which ``index`` then
+    refused. Such a constant takes its op's integer dtype back."""
+    for n in gm.graph.nodes:
+        if n.name not in integer:
+            continue
+        for a in n.args:
+            if isinstance(a, torch.fx.Node) and a.op == "get_attr":
+                owner, _, leaf = a.target.rpartition(".")
+                mod = gm.get_submodule(owner) if owner else gm
+                t = getattr(mod, leaf)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and bool((t == t.round()).all()):
+                    setattr(mod, leaf, t.to(integer[n.name]))
+
+
 def drop_unquantizable_annotations(gm) -> int:
     """Integer tensors and tensors holding masking sentinels are never quantized. The quantizers annotate
     ``add``/``mul`` by op alone, so index arithmetic on int64 (a transformer's attention-mask positions) got
@@ -317,10 +341,7 @@ def drop_unquantizable_annotations(gm) -> int:
     key, dropped = "quantization_annotation", 0
 
     def integer(node) -> bool:
-        if not isinstance(node, torch.fx.Node):
-            return False
-        val = node.meta.get("val")
-        return node.meta.get("sentinel", False) or (isinstance(val, torch.Tensor) and not val.is_floating_point())
+        return isinstance(node, torch.fx.Node) and (node.meta.get("sentinel", False) or _integer(node))
 
     for n in gm.graph.nodes:
         a = n.meta.get(key)

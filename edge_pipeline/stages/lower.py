@@ -22,7 +22,7 @@ from edge_pipeline import progress
 from edge_pipeline.backends import get_backend, pt2e
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
-from edge_pipeline.interface import FlatModel, ModelInterface
+from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
 from edge_pipeline.layer_error import noise_shares
 from edge_pipeline.modelio import load_model
 from edge_pipeline.targets import Profile, load_profile
@@ -40,14 +40,16 @@ def example_inputs(data, rows: int = 1) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(a) for a in data.test.rows(np.arange(rows)))
 
 
-def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...], err: BaseException) -> tuple[str, str | None]:
+def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...],
+                   err: BaseException) -> tuple[str, str | None, str | None]:
     """The op a backend refused and the module it sits in, found by matching the exported graph's ops
-    against the error text (e.g. 'STABLEHLO_SORT' names aten.sort, 'edgetest::mystery' a custom op)."""
+    against the error text (e.g. 'STABLEHLO_SORT' names aten.sort, 'edgetest::mystery' a custom op).
+    Returns the error's text, where it is (a sentence) and the module's path (None where unknown)."""
     text = f"{type(err).__name__}: {err}"
     try:
         ep = torch.export.export(model, example)
     except Exception:  # noqa: BLE001 - the model may not export at all; then the message is all we have
-        return text, None
+        return text, None, None
     best = None
     for node in ep.graph.nodes:
         if node.op != "call_function":
@@ -64,9 +66,15 @@ def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...], err: Bas
         stack = node.meta.get("nn_module_stack") or {}
         path = list(stack.values())[-1][0] if stack else node.name
         where = "" if path == "model" else path.removeprefix("model.")  # paths inside FlatModel
-        return text, f"op {op} in module '{where or '(top level)'}'"
+        return text, f"op {op} in module '{where or '(top level)'}'", where or None
     m = re.search(r"([A-Za-z_]+::[A-Za-z_0-9.]+|aten\.[A-Za-z_0-9.]+)", text)
-    return text, f"op {m.group(1)}" if m else None
+    return text, f"op {m.group(1)}" if m else None, None
+
+
+def same_kind(model: nn.Module, layer: str) -> list[str]:
+    """Every module of the same class as this one (all attention blocks where one failed), by path."""
+    kind = type(unwrap(model).get_submodule(layer))
+    return [n for n, m in unwrap(model).named_modules() if type(m) is kind and n]
 
 
 class Reference:
@@ -108,7 +116,7 @@ def evaluate(path: Path, ref: Reference, profile: Profile, parity_reference: lis
 
 def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref: Reference,
                  calibration: tuple[np.ndarray, ...], out: Path, sensitivity: bool = True,
-                 qat: dict | None = None) -> dict:
+                 qat: dict | None = None, keep_float: tuple[str, ...] = ()) -> dict:
     """Export one target (with the float fallback when its budget on the recipe's metric is missed) and check it.
     With ``qat`` (a QAT run's trained state) the QAT build is made beside the post-training one, and the
     better of the two on val ships."""
@@ -135,10 +143,10 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
         drop = metric.drop(m["val_metric"], ref.val_metric)
         return drop is not None and drop > profile.budgets.max_accuracy_drop
 
-    path, metrics = build(())
+    path, metrics = build(keep_float)
     int8 = profile.precision == "int8"
     mixed = getattr(backend, "MIXED_PRECISION", True)
-    float_layers: list[str] = []
+    float_layers: list[str] = list(keep_float)
     errors = None
     all_int8 = {k: metrics[k] for k in ("size_bytes", "val_metric")}
     comparison = None
@@ -209,8 +217,8 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
         metrics["qat"] = comparison
     if errors:
         metrics["layer_error_db"] = errors
-    if float_layers:
-        metrics["fallback"] = {"float_layers": float_layers, "all_int8": all_int8,
+    if len(float_layers) > len(keep_float):  # the accuracy fallback's own layers, beyond those kept to lower
+        metrics["fallback"] = {"float_layers": float_layers[len(keep_float):], "all_int8": all_int8,
                                "size_cost_bytes": metrics["size_bytes"] - all_int8["size_bytes"]}
     metrics["float_layers"] = float_layers
     metrics["artifact"] = str(path.relative_to(out))
@@ -280,29 +288,50 @@ def lower_all(model: nn.Module, profiles: list[Profile], ev: Evaluator, calibrat
     with progress.task("lowering", total=len(profiles)) as t:
         for profile in profiles:
             t.advance(0, f"lowering {profile.name}")
-            try:
-                m = lower_target(model, iface, profile, ref, calibration, out, sensitivity,
-                                 (qat_states or {}).get(profile.name))
-            except PipelineError as e:
-                m = {"error": str(e), "failures": [str(e)]}
-            except Exception as e:  # a backend refusing the model fails this target only
-                text, where = locate_failure(model, example_inputs(ev.data), e)
-                described = out / profile.name / "describe.json"
-                if where is None and described.is_file():
-                    # Exported but would not load (e.g. ExecuTorch's "error 0x14", an operator missing from
-                    # the runtime): the ops that ran outside the delegate are the suspects.
-                    outside = json.loads(described.read_text()).get("portable_ops")
-                    where = f"ops outside the delegate: {', '.join(outside)}" if outside else None
-                m = {"error": f"cannot lower to {profile.backend}: {text.splitlines()[0][:400]}", "where": where,
-                     "failures": [f"lowering failed{' at ' + where if where else ''}"],
-                     "traceback": traceback.format_exc()[-2000:]}
-                shutil.rmtree(out / profile.name, ignore_errors=True)
-                shutil.rmtree(out / f".{profile.name}.trial", ignore_errors=True)
+            m = _lower_one(model, iface, profile, ref, calibration, out, sensitivity,
+                           (qat_states or {}).get(profile.name))
             if m["failures"]:
                 failed.append(profile.name)
             targets[profile.name] = {"backend": profile.backend, "precision": profile.precision, **m}
             t.advance()
     return {"float": ref.float_metrics(), "targets": targets, "failed_targets": failed}
+
+
+def _lower_one(model: FlatModel, iface: ModelInterface, profile: Profile, ref: Reference, calibration, out: Path,
+               sensitivity: bool, qat: dict | None) -> dict:
+    """One target's metrics, or why it could not be built. Where a runtime's converter refuses an int8 op inside
+    a module (LiteRT's int8 batch_matmul in an attention block), every module of that kind is built in float,
+    once, and the target says so (``float_for_lowering``); what still fails is reported with its op and module."""
+    keep: tuple[str, ...] = ()
+    refused = ""
+    while True:
+        try:
+            m = lower_target(model, iface, profile, ref, calibration, out, sensitivity, qat, keep_float=keep)
+            if keep:
+                m["float_for_lowering"] = {"layers": list(keep), "reason": refused}
+            return m
+        except PipelineError as e:
+            return {"error": str(e), "failures": [str(e)]}
+        except Exception as e:  # noqa: BLE001 - a backend refusing the model fails this target only
+            tb = traceback.format_exc()[-2000:]
+            text, where, layer = locate_failure(model, example_inputs(ref.ev.data), e)
+            if (keep or layer is None or profile.precision != "int8"
+                    or not getattr(get_backend(profile.backend), "MIXED_PRECISION", True)):
+                break
+            keep = tuple(same_kind(model, layer))
+            refused = f"{where}: {text.splitlines()[0][:300]}"
+            progress.note(f"{profile.name}: {where} would not lower in int8; {len(keep)} module(s) of its kind "
+                          "kept in float")
+    described = out / profile.name / "describe.json"
+    if where is None and described.is_file():
+        # Exported but would not load (e.g. ExecuTorch's "error 0x14", an operator missing from the runtime):
+        # the ops that ran outside the delegate are the suspects.
+        outside = json.loads(described.read_text()).get("portable_ops")
+        where = f"ops outside the delegate: {', '.join(outside)}" if outside else None
+    shutil.rmtree(out / profile.name, ignore_errors=True)
+    shutil.rmtree(out / f".{profile.name}.trial", ignore_errors=True)
+    return {"error": f"cannot lower to {profile.backend}: {text.splitlines()[0][:400]}", "where": where,
+            "failures": [f"lowering failed{' at ' + where if where else ''}"], "traceback": tb}
 
 
 def load_calibration(path: Path) -> tuple[np.ndarray, ...]:
