@@ -152,7 +152,7 @@ def test_accuracy_aware_fallback_keeps_the_sensitive_layer_in_float(digits, tmp_
     result = lower_all(model, [with_budget("executorch-xnnpack-int8"), with_budget("tflite-int8")],
                        evaluator_for(model, digits), digits.train.x[:128], tmp_path, sensitivity=True)
     t = result["targets"]["executorch-xnnpack-int8"]
-    assert t["float_layers"] == ["fc1"], t.get("layer_error_db")
+    assert t["float_layers"] == ["fc1"], (t.get("layer_sensitivity_db"), t.get("fallback"), t.get("layer_error_db"))
     assert t["layer_error_db"]["fc1"] < t["layer_error_db"]["fc2"] - 10, "one pass finds the broken layer"
     assert t["fallback_exports"] == 2, "one all-int8 build, then one with fc1 in float: no export per layer"
     assert t["fallback"]["all_int8"]["val_metric"] < result["float"]["val_metric"] - 0.02

@@ -289,3 +289,42 @@ def test_one_float_export_serves_every_pt2e_build_until_the_model_changes(monkey
     pt2e.export_for_calibration(model, cal)
     pt2e.export_for_calibration(model, (cal[0].copy(),))
     assert len(calls) == 3
+
+
+class MaskedScores(nn.Module):
+    """What a transformer's attention does around its mask: int64 index arithmetic (``arange + 1``) and a mask
+    of ``finfo.min`` added to the scores before the softmax."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x, mask):
+        idx = (torch.arange(x.shape[1]) + 1) % x.shape[1]
+        scores = self.fc(x)[:, idx]
+        return (scores + (1 - mask.float()) * torch.finfo(torch.float32).min).softmax(-1)
+
+
+@pytest.mark.parametrize("backend", ["executorch", "tflite"])
+def test_integer_arithmetic_and_masking_sentinels_stay_unquantized(backend):
+    """Before: the int64 add was annotated, its scalar became a float constant and ``index`` refused the float
+    result ("tensors used as indices must be long"); and one int8 range over finfo.min left every real score
+    in one step."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    mask = (np.arange(8)[None] < rng.integers(3, 9, (64, 1))).astype(np.int64)
+    model = FlatModel(MaskedScores().eval())
+    quantizer = _quantizer(load_profile("executorch-xnnpack-int8"), ()) if backend == "executorch" else None
+    if quantizer is None:
+        from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+        quantizer = pt2e.FusedActivations(PT2EQuantizer().set_global(
+            get_symmetric_quantization_config(is_per_channel=True, is_dynamic=False)))
+    gm = pt2e.quantize(model, (x, mask), quantizer)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(mask))[0]
+        out = gm(torch.from_numpy(x[:32]), torch.from_numpy(mask[:32]))[0]
+    cosine = nn.functional.cosine_similarity(out, ref[:32], dim=1)
+    assert cosine.min() > 0.99, cosine.min()
+    assert (out[torch.from_numpy(mask[:32]) == 0] < 1e-6).all(), "masked positions stay masked"

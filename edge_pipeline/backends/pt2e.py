@@ -231,15 +231,16 @@ SENTINEL_ROWS = 64  # calibration rows searched for masking sentinels (a mask sh
 
 @torch.no_grad()
 def mark_sentinels(gm: torch.fx.GraphModule, batches) -> int:
-    """Marks (``meta["sentinel"]``) each node whose float output holds +-inf or a value >= :data:`SENTINEL` in
-    magnitude on any of these input batches: an attention mask, and the scores it is added to. The quantizer
-    wrapper leaves them float. Returns how many."""
+    """Marks (``meta["sentinel"]``) each op or input whose float output holds +-inf or a value >= :data:`SENTINEL`
+    in magnitude on any of these input batches: an attention mask, and the scores it is added to (weights are not
+    looked at). The quantizer wrapper leaves them float. Returns how many."""
     marked: set[str] = set()
 
     class Recorder(torch.fx.Interpreter):
         def run_node(self, n):
             out = super().run_node(n)
-            if (isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel()
+            if (n.op != "get_attr"  # weights are the quantizers' own business: large ones are not masks
+                    and isinstance(out, torch.Tensor) and out.is_floating_point() and out.numel()
                     and not bool((out.abs() < SENTINEL).all())):
                 n.meta["sentinel"] = True
                 marked.add(n.name)

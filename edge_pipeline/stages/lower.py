@@ -23,7 +23,7 @@ from edge_pipeline.backends import get_backend, pt2e
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
 from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
-from edge_pipeline.layer_error import noise_shares
+from edge_pipeline.layer_error import noise_shares, output_sensitivity
 from edge_pipeline.modelio import load_model
 from edge_pipeline.targets import Profile, load_profile
 
@@ -176,10 +176,10 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
             metrics["fallback"] = {"unsupported": f"backend {profile.backend} cannot keep layers in float; "
                                                   "the miss is reported as is"}
         elif sensitivity:
-            # Accuracy-aware fallback, decided on the validation split: the layers with the largest own int8
-            # error (from the runtime's own debugger on one calibrated build) go back to float one at a time,
-            # each confirmed by a rebuild, until the budget is met or a layer does not help: at most
-            # 1 + max_float_layers exports.
+            # Accuracy-aware fallback, decided on the validation split: the layers whose int8 hurts the outputs
+            # most go back to float one at a time, each confirmed by a rebuild, until the budget is met or a
+            # layer does not help: at most 1 + max_float_layers exports. The runtime's own debugger's per-layer
+            # error (where noise is made, on one calibrated build) is recorded beside it for the report.
             val = ref.ev.data.val
             rows = val.rows(np.arange(min(LAYER_ERROR_ROWS, len(val))))
             try:
@@ -189,7 +189,11 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
                                                       f"{str(e).splitlines()[0][:300]}"}
                 errors = {}
             exports = 1
-            candidates, spread = fallback_candidates(errors, profile.quantization.max_float_layers)
+            # Tried in the order of what each layer alone in int8 does to the outputs: an early layer of a
+            # network that amplifies noise makes little of its own and costs the most.
+            output_db = output_sensitivity(model, calibration, rows)
+            metrics["layer_sensitivity_db"] = output_db
+            candidates, spread = fallback_candidates(output_db, profile.quantization.max_float_layers)
             if spread:
                 metrics["fallback"] = {"not_tried": spread}
             for candidate in candidates:
@@ -330,8 +334,9 @@ def _lower_one(model: FlatModel, iface: ModelInterface, profile: Profile, ref: R
         where = f"ops outside the delegate: {', '.join(outside)}" if outside else None
     shutil.rmtree(out / profile.name, ignore_errors=True)
     shutil.rmtree(out / f".{profile.name}.trial", ignore_errors=True)
+    also = f" (also with the {len(keep)} module(s) of its kind in float)" if keep else ""
     return {"error": f"cannot lower to {profile.backend}: {text.splitlines()[0][:400]}", "where": where,
-            "failures": [f"lowering failed{' at ' + where if where else ''}"], "traceback": tb}
+            "failures": [f"lowering failed{' at ' + where if where else ''}{also}"], "traceback": tb}
 
 
 def load_calibration(path: Path) -> tuple[np.ndarray, ...]:
