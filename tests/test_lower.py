@@ -161,3 +161,5 @@ def test_accuracy_aware_fallback_keeps_the_sensitive_layer_in_float(digits, tmp_
     tfl = result["targets"]["tflite-int8"]
     assert "cannot keep layers in float" in tfl["fallback"]["unsupported"]
     assert tfl["failures"] and "tflite-int8" in result["failed_targets"]
+    diagnosis = tfl["failures"][-1]
+    assert diagnosis.startswith("int8 diagnosis:") and "hurts the outputs most are 'fc1'" in diagnosis, diagnosis

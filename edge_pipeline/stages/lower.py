@@ -228,7 +228,29 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     metrics["artifact"] = str(path.relative_to(out))
     metrics["describe"] = backend.describe(path)
     metrics["failures"] = budget_failures(profile, metrics)
+    accuracy_missed = metrics["parity_misses"] or profile.budgets.violations(accuracy_drop=metrics["metric_drop"])
+    if int8 and qat is None and accuracy_missed:
+        metrics["failures"].append(int8_diagnosis(model, calibration, ref.ev.data.val, metrics))
     return metrics
+
+
+def int8_diagnosis(model: FlatModel, calibration, val, metrics: dict) -> str:
+    """Why an int8 build misses its accuracy or parity budget, in one sentence: the layers whose int8 alone hurts
+    the outputs most (computed here if the fallback did not), what the fallback did, and what to do."""
+    output_db = metrics.get("layer_sensitivity_db")
+    if output_db is None:
+        output_db = output_sensitivity(model, calibration, val.rows(np.arange(min(LAYER_ERROR_ROWS, len(val)))))
+        metrics["layer_sensitivity_db"] = output_db
+    worst = sorted(output_db, key=output_db.get)[:3]
+    shares = noise_shares(output_db)
+    named = ", ".join(f"'{n}' ({output_db[n]:.1f} dB alone, {shares[n]:.0%} of the noise)" for n in worst)
+    fb = metrics.get("fallback") or {}
+    done = ("its float fallback kept " + ", ".join(f"'{n}'" for n in fb["float_layers"]) if fb.get("float_layers")
+            else fb.get("not_tried") or fb.get("unsupported") or
+            ("keeping the worst layer in float did not help on val" if metrics.get("fallback_exhausted") else
+             "the float fallback did not run (post-training int8 met the budget on val)"))
+    return (f"int8 diagnosis: the layers whose int8 alone hurts the outputs most are {named}; {done}. "
+            "Where the noise is spread over many layers, quantization-aware training (qat.mode: auto) is the remedy")
 
 
 def _comparison_entry(path: Path, m: dict, example: tuple[torch.Tensor, ...], profile: Profile) -> dict:
