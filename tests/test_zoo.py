@@ -20,6 +20,7 @@ from edge_support import run_cli
 pytestmark = pytest.mark.zoo
 
 INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8"]
+FP32 = {t: t.replace("-int8", "-fp32") for t in INT8}  # built too when figures are recorded: the p50 ratio
 MODELS = {  # name: (data source, training epochs)
     "mobilenetv3_small_100": ("zoo_models:photo_crops", 15),
     "tv_mobilenet_v3_small": ("zoo_models:photo_crops", 15),
@@ -52,12 +53,14 @@ def _keyword_metric(name: str, weights, source: str) -> float:
 @pytest.mark.parametrize("name", MODELS)
 def test_a_library_model_runs_init_then_int8_on_all_three_runtimes(name, tmp_path):
     source, epochs = MODELS[name]
+    out = os.environ.get("EDGE_PIPELINE_ZOO_OUT")
+    targets = INT8 + (list(FP32.values()) if out else [])
     weights = zm.train_briefly(getattr(zm, name)(), source, epochs)
     torch.save(weights, tmp_path / f"{name}.pt")
     recipe = tmp_path / f"{name}.yaml"
     args = ["init", "--model", f"zoo_models:{name}", "--weights", tmp_path / f"{name}.pt", "--data", source,
             "--out", recipe]
-    res = run_cli(*args, *[a for t in INT8 for a in ("--targets", t)], cwd=tmp_path)
+    res = run_cli(*args, *[a for t in targets for a in ("--targets", t)], cwd=tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = yaml.safe_load(recipe.read_text())
     # Post-training int8 as a user would switch it on in the starter recipe (prune and distill are tested on a
@@ -80,17 +83,20 @@ def test_a_library_model_runs_init_then_int8_on_all_three_runtimes(name, tmp_pat
         t = lowered[target]
         if t.get("failures"):
             assert all(isinstance(f, str) and f for f in t["failures"]) and "{'" not in str(t["failures"]), t
+        if any(f.startswith(("parity:", "accuracy drop")) for f in t.get("failures", [])):
+            assert any(f.startswith("int8 diagnosis:") for f in t["failures"]), "an int8 miss names its layers"
         assert (run_dir / "report.html").is_file()
         if "error" in t:
             assert t.get("where"), f"{target}: a lowering failure names its op or layer: {t['error']}"
             rows.append({"target": target, "error": t["error"], "where": t["where"]})
             continue
         local = devices[target]["local"]
+        fp32 = devices.get(FP32[target], {}).get("local", {}).get("latency", {}).get("p50_ms")
         rows.append({"target": target, "test_metric": t["test_metric"], "drop": t["metric_drop"],
                      "agreement": t["agreement_with_teacher"].get("top1_agreement"),
-                     "p50_ms": local["latency"]["p50_ms"], "failures": t["failures"] + local.get("failures", []),
+                     "p50_ms": local["latency"]["p50_ms"], "p50_ratio": fp32 and local["latency"]["p50_ms"] / fp32,
+                     "failures": t["failures"] + local.get("failures", []),
                      "float_for_lowering": t.get("float_for_lowering"), "fallback": t.get("fallback")})
-    out = os.environ.get("EDGE_PIPELINE_ZOO_OUT")
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"model": name, "fp32": teacher, "targets": rows}) + "\n")
