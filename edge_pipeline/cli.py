@@ -71,8 +71,18 @@ class RichSink:
         self.p.console.print(f"[dim]·[/dim] {message}")
 
 
-def _with_progress(fn, log=None):
-    """Runs ``fn`` with progress bars; with ``log``, other libraries' output goes there (shown on a failure)."""
+def _temp_log(command: str):
+    """Where a command without a run folder logs other libraries' output: a temporary file, kept and shown only
+    when the command fails."""
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.gettempdir()) / f"edge-pipeline-{command}-{os.getpid()}.log"
+
+
+def _with_progress(fn, log=None, discard_log: bool = False):
+    """Runs ``fn`` with progress bars; with ``log``, other libraries' output goes there (shown on a failure;
+    deleted on success with ``discard_log``)."""
     from edge_pipeline import progress as prog
 
     bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -82,7 +92,10 @@ def _with_progress(fn, log=None):
             return fn()
         try:
             with capture.to_log(log):
-                return fn()
+                result = fn()
+            if discard_log:
+                log.unlink(missing_ok=True)
+            return result
         except BaseException as e:
             if getattr(e, "log_path", None) is None and log.is_file() and log.stat().st_size:
                 e.log_path = log
@@ -365,15 +378,13 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
 @handle_errors
 def init_command(model, weights, data, targets, out_path, force):
     """Write a starter recipe for your model and data, checked as a run would check it."""
-    import tempfile
     from pathlib import Path
 
     from edge_pipeline.init import default_name, write_starter
 
     path = Path(out_path or f"recipes/{default_name(model)}.yaml")
-    log = Path(tempfile.gettempdir()) / f"edge-pipeline-init-{os.getpid()}.log"  # kept only when init fails
-    written = _with_progress(lambda: write_starter(path, model, data, list(targets) or None, force, weights), log=log)
-    log.unlink(missing_ok=True)
+    written = _with_progress(lambda: write_starter(path, model, data, list(targets) or None, force, weights),
+                             log=_temp_log("init"), discard_log=True)
     out.print(f"wrote {written}\nnext: edge-pipeline run {written}")
 
 
@@ -404,7 +415,7 @@ def verify_command(bundle):
     """Check a bundle's checksums and manifest, then re-run its golden inputs in each runtime."""
     from edge_pipeline.verify import verify
 
-    res = verify(bundle)
+    res = _with_progress(lambda: verify(bundle), log=_temp_log("verify"), discard_log=True)
     for name, r in res["targets"].items():
         out.print(f"{name}: golden outputs match (min cosine {r['min_cosine']:.6f}, max abs {r['max_abs']:.3g})")
     out.print(f"[green]verified[/green] {res['files']} files in {bundle}")
