@@ -10,8 +10,9 @@ best fake-quantized metric on val is kept. lower rebuilds the same graph, loads 
 and lowers it like a post-training build, and ships whichever of the two is better on val.
 
 ``mode: auto`` trains only for targets whose post-training build, run in its own runtime, misses
-``max_accuracy_drop`` on val. Targets whose quantizers are configured alike share one run. A per-epoch
-checkpoint lets a killed run resume; under torchrun it trains with DDP like distill.
+``max_accuracy_drop`` or the parity budget's ``min_top1_agreement`` on val. Targets whose quantizers are
+configured alike share one run. A per-epoch checkpoint lets a killed run resume; under torchrun it trains with
+DDP like distill.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from edge_pipeline import distributed, progress
 from edge_pipeline.backends import get_backend, pt2e
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.evaluation import Evaluator, predict, run_artifact
+from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
 from edge_pipeline.interface import FlatModel
 from edge_pipeline.modelio import load_model
 from edge_pipeline.recipe import QatConfig
@@ -81,14 +82,21 @@ def quantizer_key(quantizer) -> str:
     return "/".join([type(quantizer).__name__, type(inner).__name__, *specs])
 
 
-def ptq_val_metric(model: nn.Module, profile: Profile, calibration, ev: Evaluator) -> float:
-    """The post-training build of this target, made and run in its own runtime, scored on val."""
+def ptq_val_metric(model: nn.Module, profile: Profile, calibration, ev: Evaluator) -> tuple[float, float | None]:
+    """The post-training build of this target, made and run in its own runtime, scored on val; with its top-1
+    agreement there with the float model it came from (None without a class output). Agreement is paired (the
+    same rows, int8 against float), so it shows an int8 loss that a small val split's metric hides by chance."""
     from edge_pipeline.stages.lower import example_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         path = get_backend(profile.backend).export(model, example_inputs(ev.data), calibration, profile, Path(tmp),
                                                    ev.iface, fixtures=False)
-        return ev.score_outputs(run_artifact(path, ev.data.val, profile.threads), "val")
+        outputs = run_artifact(path, ev.data.val, profile.threads)
+    top1 = None
+    if ev.metric.output:
+        paired = agreement(outputs, predict(FlatModel(model), ev.data.val), ev.names)
+        top1 = paired["outputs"][ev.metric.output].get("top1_agreement")
+    return ev.score_outputs(outputs, "val"), top1
 
 
 def train(model: nn.Module, teacher: nn.Module, quantizer, calibration, ev: Evaluator, cfg: QatConfig, loss_fn,
@@ -191,14 +199,16 @@ def run(ctx, out: Path) -> dict:
     for profile in profiles:
         entry: dict = {"backend": profile.backend}
         if cfg.mode == "auto":
-            ptq = ptq_val_metric(model, profile, calibration, ev)
+            ptq, top1 = ptq_val_metric(model, profile, calibration, ev)
             drop = ev.metric.drop(ptq, float_val)
-            budget = profile.budgets.max_accuracy_drop
-            entry |= {"ptq_val_metric": ptq, "ptq_val_drop": drop}
-            if budget is None or drop is None or drop <= budget:
+            budget, min_top1 = profile.budgets.max_accuracy_drop, profile.budgets.parity.min_top1_agreement
+            entry |= {"ptq_val_metric": ptq, "ptq_val_drop": drop, "ptq_val_top1_agreement": top1}
+            drop_ok = budget is None or drop is None or drop <= budget
+            if drop_ok and (top1 is None or top1 >= min_top1):
                 targets[profile.name] = {**entry, "trained": False,
                                          "reason": f"post-training int8 meets its budget on val (drop "
-                                                   f"{drop if drop is not None else 'n/a'} <= {budget})"}
+                                                   f"{drop if drop is not None else 'n/a'} <= {budget}, top-1 "
+                                                   f"agreement {'n/a' if top1 is None else f'{top1:.1%}'})"}
                 continue
         key = quantizer_key(quantizers[profile.name])
         folder = out / profile.name
