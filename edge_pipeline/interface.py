@@ -100,14 +100,18 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.model if isinstance(model, FlatModel) else model
 
 
+def positional_parameters(model: nn.Module) -> list[str] | None:
+    """The names of the parameters ``forward`` takes by position, or None where its signature cannot be read."""
+    try:
+        params = inspect.signature(unwrap(model).forward).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
 def parameter_names(model: nn.Module, n: int) -> list[str]:
     """Names for n positional inputs: forward's parameter names, else input_<i>."""
-    try:
-        params = [p for p in inspect.signature(unwrap(model).forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
-        params = []
-    names = [p.name for p in params[:n]]
+    names = (positional_parameters(model) or [])[:n]
     return names + [f"input_{i}" for i in range(len(names), n)]
 
 
@@ -116,12 +120,9 @@ def bind_inputs(model: nn.Module, names: list[str], where: str = "data") -> list
     the keys' order: returns the names in the order ``forward`` takes them by position. A key ``forward`` does
     not take is refused, naming it; so is a gap (a parameter before the last given one that the data lacks),
     since every exported model takes its inputs by position."""
-    try:
-        params = [p for p in inspect.signature(unwrap(model).forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    except (TypeError, ValueError):
+    order = positional_parameters(model)
+    if order is None:
         return names
-    order = [p.name for p in params]
     shown = f"forward({', '.join(order)})"
     unknown = [n for n in names if n not in order]
     if unknown:
