@@ -30,7 +30,11 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
         base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel)
         q = XNNPACKQuantizer().set_global(pt2e.configure(base, profile))
     pt2e.keep_float(q, float_layers)
-    return q if default else pt2e.FusedActivations(q)
+    # The output layers dynamically quantized where weights are per channel: int8 weights, float outputs
+    # (XNNPACK's qd8 GEMM, which takes per-channel weights only); float where one scale per tensor is asked.
+    per_channel = profile.quantization.per_channel
+    head = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True) if per_channel else None
+    return q if default else pt2e.FusedActivations(q, output_layers=head)
 
 
 def qat_quantizer(profile: Profile):
@@ -42,7 +46,7 @@ def qat_quantizer(profile: Profile):
     )
 
     config = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_qat=True)
-    return pt2e.FusedActivations(XNNPACKQuantizer().set_global(config))
+    return pt2e.FusedActivations(XNNPACKQuantizer().set_global(config), keep_outputs=False)
 
 
 def layer_errors(model: nn.Module, example, calibration: tuple[np.ndarray, ...], rows: tuple[np.ndarray, ...],

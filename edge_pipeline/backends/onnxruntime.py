@@ -48,11 +48,13 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
               profile: Profile, iface: ModelInterface, build: Path, float_layers=(),
               default_flow: bool = False) -> Path:
     """float.onnx -> pre.onnx (quant_pre_process: shapes, BatchNorm folded) -> qdq.onnx in ``build``."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     _float_onnx(model, example, build / "float.onnx", iface)
-    quant_pre_process(str(build / "float.onnx"), str(build / "pre.onnx"))
+    pre = build / "pre.onnx"
+    quant_pre_process(str(build / "float.onnx"), str(pre))
     q = profile.quantization
     if default_flow:  # quantize_static's own defaults (QDQ, per-tensor, MinMax, QUInt8 activations)
         kwargs = {}
@@ -69,7 +71,8 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
         kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                       reduce_range=reduces_range(profile), extra_options=extra,
                       calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]),
-                      nodes_to_exclude=nodes_kept_float(build / "float.onnx", build / "pre.onnx", float_layers))
+                      nodes_to_exclude=sorted({*nodes_kept_float(build / "float.onnx", pre, float_layers),
+                                               *output_layer_nodes(onnx.load(str(pre)))}))
     quantize_static(str(build / "pre.onnx"), str(build / "qdq.onnx"), _reader(calibration, iface.input_names),
                     quant_format=QuantFormat.QDQ, **kwargs)
     return build / "qdq.onnx"
@@ -89,7 +92,7 @@ def qat_quantizer(profile: Profile):
     bound = 63 if reduces_range(profile) else 127
     config = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_qat=True,
                                                weight_qmin=-bound, weight_qmax=bound)
-    return pt2e.FusedActivations(XNNPACKQuantizer().set_global(config))
+    return pt2e.FusedActivations(XNNPACKQuantizer().set_global(config), keep_outputs=False)
 
 
 def _qat_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
@@ -196,6 +199,29 @@ def nodes_kept_float(float_path: Path, pre_path: Path, layers) -> list[str]:
     return sorted(by_weight | by_scope | set(infinite_nodes(pre)))
 
 
+ONNX_SHAPE_OPS = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
+ONNX_LAYER_OPS = ("Conv", "Gemm", "MatMul")
+
+
+def output_layer_nodes(model) -> list[str]:
+    """The Conv/Gemm/MatMul nodes (and a bias Add after a MatMul) that make the graph's outputs through reshapes
+    only: kept float, as the PT2E backends keep them (see ``pt2e.FusedActivations``): one static int8 range
+    over every row's logits is wider than the usual top-1 margin where a few rows have very large logits."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    weights = {t.name for t in model.graph.initializer}
+    found = []
+    for out in model.graph.output:
+        n = producer.get(out.name)
+        while n is not None and n.op_type in ONNX_SHAPE_OPS:
+            n = producer.get(n.input[0])
+        if n is not None and n.op_type == "Add" and weights & set(n.input):
+            found.append(n.name)
+            n = next((producer.get(i) for i in n.input if i in producer), None)
+        if n is not None and n.op_type in ONNX_LAYER_OPS:
+            found.append(n.name)
+    return found
+
+
 def _sentinel(t) -> bool:
     """A float constant holding +-inf or a masking sentinel (``finfo.min``, -1e4, -1e9)."""
     from onnx import numpy_helper
@@ -261,28 +287,11 @@ def _strip_build_paths(path: Path) -> None:
 
 
 def to_ort(onnx_path: Path, out_dir: Path, platform: str) -> None:
-    """ORT format (Fixed style, layouts for the target platform) plus required_operators.config, converted in
-    this process (a subprocess per build cost ~3 s of interpreter start-up)."""
-    import contextlib
-    import io
-    import logging
+    """ORT format (Fixed style, layouts for the target platform) plus required_operators.config, converted in a
+    child process that makes the same bytes from the same model.onnx (see ``ort_format``)."""
+    from edge_pipeline.backends import ort_format
 
-    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
-
-    said = io.StringIO()
-    ort_log = logging.getLogger("ort_format_model.utils")  # "Created config in <full path>" at INFO
-    level = ort_log.level
-    ort_log.setLevel(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(said):
-            convert_onnx_models_to_ort(Path(onnx_path), Path(out_dir), [OptimizationStyle.Fixed],
-                                       target_platform=platform)
-    except Exception as e:  # noqa: BLE001 - the converter raises whatever the session raised
-        raise PipelineError(f"ORT format conversion failed: {e}", where=str(onnx_path)) from e
-    finally:
-        ort_log.setLevel(level)
-    if not (out_dir / "model.ort").is_file():
-        raise PipelineError(f"ORT format conversion failed: {said.getvalue().strip()[-600:]}", where=str(onnx_path))
+    ort_format.convert(Path(onnx_path), Path(out_dir), platform)
     for cfg in out_dir.glob("*required_operators*.config"):
         # The converter lists the model it read by its full path (a temporary build folder): name it alone.
         lines = [f"# - {Path(ln[4:]).name}" if ln.startswith("# - ") else ln for ln in cfg.read_text().splitlines()]
@@ -310,13 +319,6 @@ def _mobile_usability(onnx_path: Path) -> str:
     for folder in {str(Path(onnx_path).parent.resolve()), str(Path(onnx_path).parent)}:
         report = report.replace(folder + "/", "")
     return report
-
-
-# ORT's converter is not deterministic: two conversions of one model.onnx lay out the kernel-type-string
-# resolver (a table of which type each op's kernels take) in a different order, with the same entries. It cannot
-# be pinned from outside ORT; the release notes it and records a digest of the content instead.
-NOT_BYTE_REPRODUCIBLE = ("ORT's converter lays out the .ort file's kernel-type-string resolver in a run-dependent "
-                         "order (same entries); compare ort_content_sha256 from describe.json instead")
 
 
 def ort_content_sha256(path: Path) -> str:
@@ -376,8 +378,7 @@ def _describe(onnx_path: Path, out_dir: Path, float_layers, reduce_range: bool) 
             "inputs": io(m.graph.input),
             "outputs": io(m.graph.output), "float_layers": list(float_layers),
             "required_operators": req.read_text().splitlines() if req.is_file() else None,
-            "quantized_io": None, "ort_content_sha256": ort_content_sha256(out_dir / f"model{SUFFIX}"),
-            "not_byte_reproducible": {f"model{SUFFIX}": NOT_BYTE_REPRODUCIBLE}}
+            "quantized_io": None, "ort_content_sha256": ort_content_sha256(out_dir / f"model{SUFFIX}")}
 
 
 def describe(path: Path) -> dict:

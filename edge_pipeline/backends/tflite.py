@@ -51,7 +51,10 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
                                                      is_dynamic=False)
             q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
         pt2e.keep_float(q, float_layers)
-        gm = pt2e.quantize(model, calibration, q if default_flow else pt2e.FusedActivations(q), fold_quantize=False)
+        # keep_outputs=False: litert-torch gives int8 outputs whatever the annotation (a float or dynamic head
+        # made no difference to the converted file), so the outputs keep their static range.
+        quantizer = q if default_flow else pt2e.FusedActivations(q, keep_outputs=False)
+        gm = pt2e.quantize(model, calibration, quantizer, fold_quantize=False)
         edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))
     else:
         edge = litert_torch.convert(model, example)
