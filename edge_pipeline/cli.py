@@ -405,19 +405,27 @@ def package_command(run_dir, version, dist, allow_failing, allow_incomplete):
     bundle, tar_path = _with_progress(lambda: package(Path(run_dir), version, Path(dist), allow_failing,
                                                       allow_incomplete=allow_incomplete),
                                       log=Path(run_dir) / "package-log.txt")
-    out.print(f"bundle: {bundle}\narchive: {tar_path}")
+    from edge_pipeline.stages.package import measurements_path
+
+    out.print(f"bundle: {bundle}\narchive: {tar_path}\nmeasurements: {measurements_path(tar_path)}")
 
 
 @main.command("verify")
 @click.argument("bundle", type=click.Path(exists=True))
+@click.option("--measurements", type=click.Path(exists=True, dir_okay=False),
+              help="A measurements JSON that must belong to this archive (default: NAME-VERSION.measurements.json "
+                   "beside it, when there).")
 @handle_errors
-def verify_command(bundle):
-    """Check a bundle's checksums and manifest, then re-run its golden inputs in each runtime."""
+def verify_command(bundle, measurements):
+    """Check a bundle's checksums and manifest, then re-run its golden inputs in each runtime; for an archive,
+    also that its measurements name its sha256."""
     from edge_pipeline.verify import verify
 
-    res = _with_progress(lambda: verify(bundle), log=_temp_log("verify"), discard_log=True)
+    res = _with_progress(lambda: verify(bundle, measurements), log=_temp_log("verify"), discard_log=True)
     for name, r in res["targets"].items():
         out.print(f"{name}: golden outputs match (min cosine {r['min_cosine']:.6f}, max abs {r['max_abs']:.3g})")
+    if "measurements" in res:
+        out.print(f"measurements {res['measurements']} belong to this archive (sha256 {res['archive_sha256']})")
     out.print(f"[green]verified[/green] {res['files']} files in {bundle}")
 
 

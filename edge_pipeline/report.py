@@ -289,7 +289,15 @@ def _metric(run_dir: Path) -> str:
     return (rec[1]["metrics"].get("metric") if rec else None) or "metric"
 
 
-def write_report(run_dir: Path, dest: Path) -> Path:
+def _release_line(release: dict | None) -> str:
+    if not release:
+        return ""
+    return (f"<p>Measurements of the release <code>{html.escape(release['archive'])}</code>, sha256 "
+            f"<code>{html.escape(release['archive_sha256'])}</code>.</p>")
+
+
+def write_report(run_dir: Path, dest: Path, release: dict | None = None) -> Path:
+    """``release``: the archive this report measures (``archive``, ``archive_sha256``), named at the top."""
     run_dir = Path(run_dir)
     lower = find_stage(run_dir, "lower")
     targets = lower[1]["metrics"]["targets"] if lower else {}
@@ -303,7 +311,8 @@ def write_report(run_dir: Path, dest: Path) -> Path:
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img.plot{{max-width:100%}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;font-size:13px}}
 .ok{{color:#176d2c}}.bad{{color:#b3261e}}.warn{{color:#8a5a00}}</style></head>
-<body><h1>{html.escape(title)}</h1><h2>Verdict</h2>{_verdict(run_dir, lower, results)}{''.join(sections)}
+<body><h1>{html.escape(title)}</h1>{_release_line(release)}
+<h2>Verdict</h2>{_verdict(run_dir, lower, results)}{''.join(sections)}
 <h2>Operator coverage</h2>{_coverage_table(targets)}{_run_facts(run_dir)}
 <script>
 window.addEventListener('load', () => {{

@@ -1,6 +1,8 @@
 """``edge-pipeline verify``: is this bundle intact, and do its models still give their recorded outputs?
 
 A tar.gz is unpacked safely first: entries that would escape the folder, links and device files are refused.
+The measurements beside an archive (``NAME-VERSION.measurements.json``, or a file given) must name that
+archive's sha256: figures measured of another build are refused.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import tempfile
 from pathlib import Path, PurePosixPath
 
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.stages.package import MANIFEST_SCHEMA, file_table
+from edge_pipeline.runstore import sha256_file
+from edge_pipeline.stages.package import MANIFEST_SCHEMA, file_table, measurements_path
 
 REQUIRED_KEYS = {"schema", "name", "version", "targets", "files", "toolchain", "recipe"}
 GOLDEN_MIN_COSINE = 0.999
@@ -92,11 +95,33 @@ def verify_dir(bundle: Path) -> dict:
     return {"bundle": str(bundle), "files": len(recorded), "targets": results}
 
 
-def verify(path: str | Path) -> dict:
+def check_measurements(tar_path: Path, measurements: Path) -> dict:
+    """The measurements file must be about this archive (its ``archive_sha256``); returns its summary."""
+    try:
+        doc = json.loads(measurements.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PipelineError(f"measurements file is not readable JSON: {e}", where=str(measurements)) from None
+    digest = sha256_file(tar_path)
+    if not isinstance(doc, dict) or doc.get("archive_sha256") != digest:
+        raise PipelineError(f"the measurements are of another archive: they name sha256 "
+                            f"{doc.get('archive_sha256') if isinstance(doc, dict) else None}, this archive's is "
+                            f"{digest}", where=str(measurements),
+                            hint="use the measurements written with this archive, or test this release again "
+                                 "(edge-pipeline test RUN, then package)")
+    return {"measurements": str(measurements), "archive_sha256": digest}
+
+
+def verify(path: str | Path, measurements: str | Path | None = None) -> dict:
+    """A bundle folder or archive; for an archive also its measurements (given, or the file beside it)."""
     path = Path(path)
     if path.is_dir():
+        if measurements is not None:
+            raise PipelineError("measurements name an archive's sha256: give the .tar.gz, not its folder",
+                                where=str(path))
         return verify_dir(path)
     if path.is_file():
+        given = Path(measurements) if measurements is not None else measurements_path(path)
+        checked = check_measurements(path, given) if measurements is not None or given.is_file() else {}
         with tempfile.TemporaryDirectory() as tmp:
-            return verify_dir(safe_extract(path, Path(tmp)))
+            return verify_dir(safe_extract(path, Path(tmp))) | checked
     raise PipelineError(f"no bundle folder or archive at {path}", where=str(path))

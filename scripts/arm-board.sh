@@ -23,12 +23,25 @@ if ! command -v qemu-aarch64-static >/dev/null || ! command -v debootstrap >/dev
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends qemu-user-static debootstrap >/dev/null
 fi
+# The Debian mirror: the one this machine's apt is set up to reach (its one-line sources.list entries or deb822
+# .sources files, the first archive that is not the security one), or MIRROR=<url> given by the user.
+if [ -z "${MIRROR:-}" ]; then
+  MIRROR="$( { grep -hsE '^deb ' /etc/apt/sources.list /etc/apt/sources.list.d/*.list \
+                 | awk '{for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\//) {print $i; break}}'
+               grep -hsE '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}'
+             } | grep -v -- '-security' | head -n1 || true)"
+fi
+if [ -z "$MIRROR" ]; then
+  echo "arm-board.sh: no Debian mirror in this machine's apt configuration (/etc/apt/sources.list*);" \
+       "give one: MIRROR=http://<mirror>/debian $0" >&2
+  exit 2
+fi
 rm -rf "$BOARD.tmp" && mkdir -p "$BOARD.tmp/root" "$BOARD.tmp/site" "$BOARD.tmp/wheels"
 
 # Debian's arm64 userland, unpacked only (the second stage would have to run arm64 binaries; python needs none
 # of the maintainer scripts).
 debootstrap --foreign --arch=arm64 --variant=minbase --include=python3.11,libpython3.11-stdlib \
-  bookworm "$BOARD.tmp/root" http://deb.debian.org/debian >"$BOARD.tmp/debootstrap.log"
+  bookworm "$BOARD.tmp/root" "$MIRROR" >"$BOARD.tmp/debootstrap.log"
 for deb in "$BOARD.tmp"/root/var/cache/apt/archives/*.deb; do dpkg-deb -x "$deb" "$BOARD.tmp/root"; done
 rm -f "$BOARD.tmp"/root/var/cache/apt/archives/*.deb
 

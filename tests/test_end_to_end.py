@@ -246,29 +246,34 @@ def test_the_bundle_names_no_folder_of_the_build_machine(digits_run):
 
 @pytest.mark.slow
 def test_two_builds_from_scratch_in_two_folders_give_the_same_release(digits_run, tmp_path):
-    """Every file of the bundle is byte-identical, except those the manifest lists with a reason: the .ort files
-    (then their content digests agree) and the files holding device measurements (then all else agrees)."""
-    from edge_pipeline.backends.onnxruntime import ort_content_sha256
+    """The same archive, byte for byte, and so every file in it; what was measured sits beside it, naming it."""
+    from edge_pipeline.stages.package import measurements_path
 
-    bundles = [Path(doc["stages"]["package"]["metrics"]["bundle"])
-               for doc in (digits_run[1], build_default_recipe(tmp_path)[1])]
+    packaged = [doc["stages"]["package"]["metrics"] for doc in (digits_run[1], build_default_recipe(tmp_path)[1])]
+    bundles = [Path(p["bundle"]) for p in packaged]
     files = [{p.relative_to(b).as_posix(): p.read_bytes() for p in b.rglob("*") if p.is_file()} for b in bundles]
     assert files[0].keys() == files[1].keys()
-    differ = {f for f in files[0] if files[0][f] != files[1][f]}
-    manifests = [json.loads(f["manifest.json"]) for f in files]
-    excused = manifests[0]["not_byte_reproducible"]
-    assert differ <= set(excused), f"not reproducible and not declared: {sorted(differ - set(excused))}"
-    assert any(f.endswith(".tflite") for f in files[0]) and not any(f.endswith((".pte", ".tflite")) for f in differ)
-    for f in differ:
-        if f.endswith(".ort"):
-            assert ort_content_sha256(bundles[0] / f) == ort_content_sha256(bundles[1] / f), f
+    assert any(f.endswith(".ort") for f in files[0]) and any(f.endswith(".tflite") for f in files[0])
+    assert sorted(f for f in files[0] if files[0][f] != files[1][f]) == []
+    assert json.loads(files[0]["manifest.json"])["not_byte_reproducible"] == {}
+    assert packaged[0]["tar_sha256"] == packaged[1]["tar_sha256"]
+    for p in packaged:
+        measured = json.loads(measurements_path(Path(p["tar"])).read_text())
+        assert measured["archive_sha256"] == p["tar_sha256"] and measured["devices"], measured.keys()
+        assert p["tar_sha256"] in Path(p["report"]).read_text()
 
-    def without_measurements(m: dict) -> dict:
-        m = {**m, "files": {k: v for k, v in m["files"].items() if k not in differ}}
-        m["targets"] = {t: {**v, "devices": None} for t, v in m["targets"].items()}
-        return m
 
-    assert without_measurements(manifests[0]) == without_measurements(manifests[1])
+@pytest.mark.slow
+def test_verify_refuses_measurements_of_another_archive(digits_run, tmp_path):
+    from edge_pipeline.stages.package import measurements_path
+
+    tar = Path(digits_run[1]["stages"]["package"]["metrics"]["tar"])
+    measured = json.loads(measurements_path(tar).read_text())
+    assert verify(tar)["archive_sha256"] == measured["archive_sha256"], "the file beside the archive is checked"
+    foreign = tmp_path / "other.measurements.json"
+    foreign.write_text(json.dumps(measured | {"archive_sha256": "0" * 64}))
+    res = run_cli("verify", tar, "--measurements", foreign)
+    assert res.returncode == 2 and "the measurements are of another archive" in res.stderr, res.stderr[-2000:]
 
 
 @pytest.mark.slow

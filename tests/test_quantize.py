@@ -378,3 +378,26 @@ def test_output_layers_stay_out_of_static_int8_where_the_backend_can_keep_them(t
     pre = onnx.load(str(tmp_path / "pre.onnx"))
     kept = output_layer_nodes(pre)
     assert [n.op_type for n in pre.graph.node if n.name in kept] == ["Gemm"], kept
+
+
+def test_a_static_int8_output_takes_the_range_that_serves_the_rows():
+    """Where the outputs stay int8 (LiteRT's int8 I/O), their range is fitted to the rows, not to the extremes:
+    logits of a few rows a hundred times the rest's shrink it, and well-behaved logits keep min-max."""
+    from torchao.quantization.pt2e import observer as obs
+
+    rng = np.random.default_rng(0)
+    logits = torch.from_numpy(rng.normal(0, 5, size=(256, 10)).astype(np.float32))
+    for wide in (False, True):
+        x = logits.clone()
+        if wide:
+            x[:3] *= 100
+        observer = obs.MinMaxObserver(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
+        observer(x)
+        holder = nn.Module()
+        holder.obs = observer
+        chosen = pt2e.fit_output_ranges(holder, {"obs": [x]})["obs"]
+        step = float(observer.calculate_qparams()[0])
+        if wide:
+            assert chosen < 1.0 and step < float(x.abs().max()) / 127 / 2, (chosen, step)
+        else:
+            assert chosen == 1.0, chosen

@@ -171,8 +171,8 @@ def test_a_wheel_install_finds_its_targets_and_runner_from_any_folder(tmp_path):
 
 
 def test_the_same_model_onnx_converts_to_the_same_ort_bytes(tmp_path):
-    """Three conversions of one model.onnx give one .ort file byte for byte (in-process they gave three); a
-    changed weight changes it, and the content digest kept as a cross-check."""
+    """Three conversions of one model.onnx, in folders of different path lengths, give one .ort file byte for
+    byte (in-process they gave three); a changed weight changes it, and the content digest kept as a cross-check."""
     import hashlib
 
     import torch
@@ -186,8 +186,8 @@ def test_the_same_model_onnx_converts_to_the_same_ort_bytes(tmp_path):
     for i, scale in enumerate((1.0, 1.0, 1.0, 2.0)):
         with torch.no_grad():
             model[3].weight.mul_(scale)
-        folder = tmp_path / f"c{i}"
-        folder.mkdir()
+        folder = tmp_path / f"{i}{'c' * 9 * i}"  # folders of other path lengths
+        folder.mkdir(parents=True)
         exported = torch.onnx.export(model, (torch.randn(1, 3, 8, 8),), dynamo=True, verbose=False)
         exported.save(str(folder / "model.onnx"))
         to_ort(folder / "model.onnx", folder, "arm")

@@ -3,8 +3,9 @@
 ORT's converter writes the .ort file's kernel-type-string resolver (which type each op's kernels take) in an
 order that follows heap addresses and thread timing: three conversions of one model.onnx gave three sha256s.
 With address-space randomization off for the converting process (``personality(ADDR_NO_RANDOMIZE)`` before
-exec, what ``setarch -R`` does), one intra-op and one inter-op thread, and a fixed ``PYTHONHASHSEED``, five
-conversions gave one digest. The parent calls :func:`convert`; ``python -m`` runs :func:`main` in the child.
+exec, what ``setarch -R`` does), one intra-op and one inter-op thread, a fixed ``PYTHONHASHSEED``, and the
+same relative paths whatever the folder (folders of three path lengths gave two digests before), every
+conversion of one model.onnx gave one digest. The parent calls :func:`convert`; ``python -m`` runs :func:`main` in the child.
 """
 
 from __future__ import annotations
@@ -32,8 +33,13 @@ def _no_address_randomization() -> None:
 def convert(onnx_path: Path, out_dir: Path, platform: str) -> str:
     """Converts in a child process; returns what the converter printed. Raises PipelineError with its last
     lines when it fails."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    res = subprocess.run([sys.executable, "-m", __name__, str(onnx_path), str(out_dir), platform],
+    # The heap layout also follows the lengths of the paths the converter is given: it runs in the output folder
+    # and reads the model by a relative name, the same in every folder.
+    out_dir = Path(out_dir).resolve()
+    onnx_path = Path(onnx_path).resolve()
+    env = {**os.environ, "PYTHONHASHSEED": "0", "PWD": "/"}
+    src = os.path.relpath(onnx_path, out_dir)
+    res = subprocess.run([sys.executable, "-m", __name__, src, ".", platform], cwd=out_dir,
                          capture_output=True, text=True, env=env, check=False,
                          preexec_fn=_no_address_randomization if sys.platform.startswith("linux") else None)
     said = (res.stdout + res.stderr).strip()

@@ -52,7 +52,8 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
             q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
         pt2e.keep_float(q, float_layers)
         # keep_outputs=False: litert-torch gives int8 outputs whatever the annotation (a float or dynamic head
-        # made no difference to the converted file), so the outputs keep their static range.
+        # made no difference to the converted file): the outputs stay static int8, over the range fitted to the
+        # rows (pt2e.fit_output_ranges).
         quantizer = q if default_flow else pt2e.FusedActivations(q, keep_outputs=False)
         gm = pt2e.quantize(model, calibration, quantizer, fold_quantize=False)
         edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))

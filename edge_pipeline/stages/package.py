@@ -1,8 +1,13 @@
-"""Stage 6: the release bundle ``dist/<name>-<version>/`` and its reproducible ``.tar.gz``.
+"""Stage 6: the release bundle ``dist/<name>-<version>/``, its byte-reproducible ``.tar.gz``, and beside it
+what was measured of that archive.
 
 Built from a finished run folder alone (its stage folders and their stage.json), so ``edge-pipeline package
-RUN`` works on any completed run. The manifest lists the sha256 and size of every file; golden inputs and
-each artifact's outputs on them let ``verify`` re-run the models anywhere.
+RUN`` works on any completed run. The archive holds only what is built: artifacts with their describe.json,
+golden inputs and each artifact's outputs on them (``verify`` re-runs the models anywhere), the model card and
+a manifest of build facts and the sha256 of every file. Two builds of one recipe give the same archive.
+What is measured anew at each test (device latency, memory, accuracy on devices, pass/fail against the
+budgets, stage timings) goes to ``<name>-<version>.measurements.json`` and ``<name>-<version>.report.html``
+beside the archive, each naming the archive's sha256.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from edge_pipeline.errors import BudgetFailure, DevicesUnreachable, PipelineErro
 from edge_pipeline.evaluation import run_artifact
 from edge_pipeline.runstore import find_stage, sha256_file, toolchain_versions
 
-MANIFEST_SCHEMA = 1
+MANIFEST_SCHEMA = 2
+MEASUREMENTS_SCHEMA = 1
+TIMING_KEYS = {"seconds"}  # stage metrics that time the build: measurements, not build facts
 SKIP_IN_TARGET = {"build"}
 
 
@@ -82,8 +89,9 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
         raise PipelineError(f"the run is incomplete: {'; '.join(incomplete)}", where=str(run_dir),
                             hint="run edge-pipeline test on it first, or package anyway with --allow-incomplete "
                                  "(recorded in the manifest)")
-    failed = sorted(set(lower_rec["metrics"]["failed_targets"])
-                    | set(dev[1]["metrics"]["failed_targets"] if dev else []))
+    failed_build = sorted(lower_rec["metrics"]["failed_targets"])
+    failed_devices = sorted(dev[1]["metrics"]["failed_targets"] if dev else [])
+    failed = sorted({*failed_build, *failed_devices})
     if failed and not allow_failing:
         raise BudgetFailure(f"targets failed their budgets or checks: {', '.join(failed)}", where=str(run_dir),
                             hint="fix them, or package anyway with --allow-failing (recorded in the manifest)")
@@ -92,7 +100,7 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     golden = ArraySplit(tuple(runner.load_inputs(str(lower_dir / "golden.npz"))), None)
     (out / "golden").mkdir()
     shutil.copy(lower_dir / "golden.npz", out / "golden" / "inputs.npz")
-    targets = {}
+    targets, devices = {}, {}
     for tname, tm in lower_rec["metrics"]["targets"].items():
         if "artifact" not in tm:
             continue
@@ -107,19 +115,19 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
             "int8_from": None if tm["precision"] != "int8" else (tm.get("qat") or {}).get("shipped", "ptq"),
             "lower": {k: tm.get(k) for k in ("size_bytes", "metric", "test_metric", "metric_drop", "failures")}
             | {"parity": tm.get("parity", {}).get("worst")},
-            "devices": {d: _device_brief(m) for d, m in device_results.get(tname, {}).items()},
         }
+        devices[tname] = {d: _device_brief(m) for d, m in device_results.get(tname, {}).items()}
     teacher = find_stage(run_dir, "teacher")
     teacher_metrics = teacher[1]["metrics"] if teacher else {}
     classes = teacher_metrics.get("classes")
     if classes:
         (out / "labels.txt").write_text("\n".join(classes) + "\n")
     cal = find_stage(run_dir, "calibrate")
-    stages = {s: rec["metrics"] for s in ("teacher", "prune", "distill", "calibrate", "qat")
+    stages = {s: without_timings(rec["metrics"]) for s in ("teacher", "prune", "distill", "calibrate", "qat")
               if (r := find_stage(run_dir, s)) for rec in [r[1]]}
     manifest = {
         "schema": MANIFEST_SCHEMA, "name": name, "version": version, "targets": targets,
-        "failed_targets": failed, "allow_failing": bool(failed) and allow_failing, "incomplete": incomplete,
+        "failed_targets": failed_build, "allow_failing": bool(failed) and allow_failing, "incomplete": incomplete,
         "recipe": recipe, "calibration_sha256": cal[1]["metrics"]["sha256"] if cal else None,
         "interface": teacher_metrics.get("interface"), "preprocessing": teacher_metrics.get("preprocessing"),
         "metric": teacher_metrics.get("metric"),
@@ -128,23 +136,31 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     }
     manifest = without_build_paths(manifest, Path(run_doc.get("recipe_path") or ".").absolute().parent)
     (out / "MODEL_CARD.md").write_text(model_card(manifest))
-    from edge_pipeline.report import write_report
-
-    write_report(run_dir, out / "report.html")
     manifest["files"] = file_table(out)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
-    return manifest
-
-
-MEASURED = "holds device figures (latency, memory) measured when the run was tested: they differ run to run"
+    measurements = {"schema": MEASUREMENTS_SCHEMA, "name": name, "version": version, "devices": devices,
+                    "failed_targets": failed_devices, "unreachable_devices": unreachable,
+                    "stage_seconds": {s: rec["seconds"] for s in ("teacher", "prune", "distill", "calibrate", "qat",
+                                                                   "lower", "device-test")
+                                      if (r := find_stage(run_dir, s)) for rec in [r[1]] if "seconds" in rec}}
+    return manifest, measurements
 
 
 def not_byte_reproducible(lower_targets: dict) -> dict[str, str]:
-    """The bundle's files that two builds of the same recipe cannot make byte-identical, each with the reason;
-    every other file is (tests/test_trust.py builds the default recipe twice and compares)."""
-    out = {f"{t}/{f}": why for t, tm in lower_targets.items() if "artifact" in tm
-           for f, why in (tm.get("describe") or {}).get("not_byte_reproducible", {}).items()}
-    return out | dict.fromkeys(("manifest.json", "MODEL_CARD.md", "report.html"), MEASURED)
+    """The bundle's files that two builds of the same recipe cannot make byte-identical, as each backend's
+    describe.json declares them, with the reason: none today (tests/test_end_to_end.py builds the default recipe
+    twice and compares the archives)."""
+    return {f"{t}/{f}": why for t, tm in lower_targets.items() if "artifact" in tm
+            for f, why in (tm.get("describe") or {}).get("not_byte_reproducible", {}).items()}
+
+
+def without_timings(doc):
+    """A stage's metrics without the build's timings (measured, so different at every build)."""
+    if isinstance(doc, dict):
+        return {k: without_timings(v) for k, v in doc.items() if k not in TIMING_KEYS}
+    if isinstance(doc, list):
+        return [without_timings(v) for v in doc]
+    return doc
 
 
 def without_build_paths(doc, base: Path):
@@ -225,15 +241,16 @@ def model_card(m: dict) -> str:
     if "qat" in st:
         lines.append(f"- **qat** ({st['qat']['mode']}): quantization-aware training against the teacher; int8 "
                      f"from the trained model for {', '.join(from_qat) or 'no target'} (the others calibrated).")
-    lines += ["", "## Targets", "", f"| target | size (bytes) | test {metric} | parity cosine (worst output) | "
-              "devices (p50 ms) |", "|---|---|---|---|---|"]
+    lines += ["", "## Targets", "", f"| target | size (bytes) | test {metric} | parity cosine (worst output) |",
+              "|---|---|---|---|"]
     for name, t in m["targets"].items():
-        devs = ", ".join(f"{d}: {v.get('p50_ms', float('nan')):.3f}" for d, v in t["devices"].items() if "p50_ms" in v)
         parity = (t["lower"].get("parity") or {}).get("cosine")
         lines.append(f"| {name} | {t['lower']['size_bytes']} | {_num(t['lower'].get('test_metric'))} | "
-                     f"{'n/a' if parity is None else f'{parity:.6f}'} | {devs} |")
+                     f"{'n/a' if parity is None else f'{parity:.6f}'} |")
     lines += ["", "## Limits",
-              "- Figures were measured on the devices named above; other devices differ.",
+              f"- The figures above are the build machine's runtimes on the test split. Latency, memory and accuracy "
+              f"on devices are in `{m['name']}-{m['version']}.measurements.json` beside this archive; other "
+              f"devices differ.",
               "- The model behaves like this on inputs like its data only; it has no notion of 'none of these'."]
     if m["failed_targets"]:
         lines += [f"- **Packaged with failing targets** (--allow-failing): {', '.join(m['failed_targets'])}."]
@@ -243,7 +260,8 @@ def model_card(m: dict) -> str:
 
 
 def write_tar(bundle: Path, dest: Path) -> None:
-    """A reproducible .tar.gz: sorted entries, zero mtimes, root owner, fixed modes, gzip without a timestamp."""
+    """A reproducible .tar.gz: sorted entries, zero mtimes, root owner, fixed modes, gzip without a timestamp
+    (written to a temporary name, then moved into place)."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         paths = [bundle, *sorted(bundle.rglob("*"))]
@@ -269,20 +287,36 @@ def package(run_dir: Path, version: str, dist: Path, allow_failing: bool = False
     """Write ``dist/<name>-<version>/`` and its tar.gz, each complete or absent."""
     import tempfile
 
+    from edge_pipeline.report import write_report
+
     dist.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dist, prefix=".bundle-") as tmp:
         staging = Path(tmp) / "b"
         staging.mkdir()
-        manifest = build_bundle(run_dir, version, staging, allow_failing, recipe, allow_incomplete)
+        manifest, measurements = build_bundle(run_dir, version, staging, allow_failing, recipe, allow_incomplete)
         final = dist / f"{manifest['name']}-{version}"
         named = Path(tmp) / final.name
         staging.rename(named)
         tar_path = dist / f"{final.name}.tar.gz"
-        write_tar(named, tar_path)
+        write_tar(named, Path(tmp) / tar_path.name)
+        release = {"archive": tar_path.name, "archive_sha256": sha256_file(Path(tmp) / tar_path.name)}
+        (Path(tmp) / "measurements.json").write_text(json.dumps(release | measurements, indent=1, sort_keys=True,
+                                                                default=str) + "\n")
+        write_report(run_dir, Path(tmp) / "report.html", release)
+        # The archive last: a folder of files that looks complete has its archive beside it.
+        for src, dest in ((Path(tmp) / "measurements.json", measurements_path(tar_path)),
+                          (Path(tmp) / "report.html", dist / f"{final.name}.report.html")):
+            os.replace(src, dest)
         if final.exists():
             shutil.rmtree(final)
         os.replace(named, final)
+        os.replace(Path(tmp) / tar_path.name, tar_path)
     return final, tar_path
+
+
+def measurements_path(tar_path: Path) -> Path:
+    """``NAME-VERSION.measurements.json`` beside ``NAME-VERSION.tar.gz``."""
+    return tar_path.with_name(tar_path.name.removesuffix(".tar.gz") + ".measurements.json")
 
 
 def run(ctx, out: Path) -> dict:
@@ -292,4 +326,5 @@ def run(ctx, out: Path) -> dict:
     bundle, tar_path = package(ctx.store.dir, cfg.version, dist, cfg.allow_failing, ctx.recipe.model_dump())
     (out / "bundle.json").write_text(json.dumps({"bundle": str(bundle), "tar": str(tar_path)}))
     return {"bundle": str(bundle), "tar": str(tar_path), "tar_sha256": sha256_file(tar_path),
-            "tar_bytes": tar_path.stat().st_size, "seconds": time.time() - started}
+            "tar_bytes": tar_path.stat().st_size, "measurements": str(measurements_path(tar_path)),
+            "report": str(tar_path.with_name(bundle.name + ".report.html")), "seconds": time.time() - started}
