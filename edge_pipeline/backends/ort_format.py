@@ -5,7 +5,8 @@ order that follows heap addresses and thread timing: three conversions of one mo
 With address-space randomization off for the converting process (``personality(ADDR_NO_RANDOMIZE)`` before
 exec, what ``setarch -R`` does), one intra-op and one inter-op thread, a fixed ``PYTHONHASHSEED``, and the
 same relative paths whatever the folder (folders of three path lengths gave two digests before), every
-conversion of one model.onnx gave one digest. The parent calls :func:`convert`; ``python -m`` runs :func:`main` in the child.
+conversion of one model.onnx gave one digest. The parent calls :func:`convert`; ``python -m`` runs
+:func:`main` in the child.
 """
 
 from __future__ import annotations
