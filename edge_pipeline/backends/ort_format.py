@@ -3,15 +3,18 @@
 ORT's converter writes the .ort file's kernel-type-string resolver (which type each op's kernels take) in an
 order that follows heap addresses and thread timing: three conversions of one model.onnx gave three sha256s.
 With address-space randomization off for the converting process (``personality(ADDR_NO_RANDOMIZE)`` before
-exec, what ``setarch -R`` does), one intra-op and one inter-op thread, a fixed ``PYTHONHASHSEED``, and the
-same relative paths whatever the folder (folders of three path lengths gave two digests before), every
-conversion of one model.onnx gave one digest. The parent calls :func:`convert`; ``python -m`` runs
+exec, what ``setarch -R`` does), one intra-op and one inter-op thread, a fixed ``PYTHONHASHSEED``, a scratch
+folder whose path has one length and a trimmed environment (output folders of other path lengths, or another
+environment, gave other digests before), conversions of one model.onnx gave one digest over 24 folders and
+environments of different sizes. The parent calls :func:`convert`; ``python -m`` runs
 :func:`main` in the child.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +22,8 @@ from pathlib import Path
 from edge_pipeline.errors import PipelineError
 
 ADDR_NO_RANDOMIZE = 0x0040000  # <sys/personality.h>
+# Not the user's TMPDIR: the scratch folder's path is the same whoever builds.
+SCRATCH_ROOT = "/tmp"
 
 
 def _no_address_randomization() -> None:
@@ -31,27 +36,49 @@ def _no_address_randomization() -> None:
         libc.personality(current | ADDR_NO_RANDOMIZE)
 
 
+# What the child keeps of the environment: Python copies its environment onto the heap, so variables that differ
+# between two builds (the folder, the shell's history, a test's name) moved the converter's output too.
+KEPT_ENV = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "HOME", "LANG")
+
+
 def convert(onnx_path: Path, out_dir: Path, platform: str) -> str:
-    """Converts in a child process; returns what the converter printed. Raises PipelineError with its last
-    lines when it fails."""
-    # The heap layout also follows the lengths of the paths the converter is given: it runs in the output folder
-    # and reads the model by a relative name, the same in every folder.
-    out_dir = Path(out_dir).resolve()
-    onnx_path = Path(onnx_path).resolve()
-    env = {**os.environ, "PYTHONHASHSEED": "0", "PWD": "/"}
-    src = os.path.relpath(onnx_path, out_dir)
-    res = subprocess.run([sys.executable, "-m", __name__, src, ".", platform], cwd=out_dir,
-                         capture_output=True, text=True, env=env, check=False,
-                         preexec_fn=_no_address_randomization if sys.platform.startswith("linux") else None)
-    said = (res.stdout + res.stderr).strip()
-    if res.returncode != 0 or not (Path(out_dir) / "model.ort").is_file():
-        raise PipelineError(f"ORT format conversion failed: {said[-600:]}", where=str(onnx_path))
+    """Converts in a child process; copies model.ort and the converter's operator list into ``out_dir``; returns
+    what the converter printed. Raises PipelineError with its last lines when it fails."""
+    out_dir = Path(out_dir)
+    scratch = Path(SCRATCH_ROOT) / f"edge-pipeline-ort-format-{os.getuid()}"
+    env = {k: os.environ[k] for k in KEPT_ENV if k in os.environ}
+    # No cached bytecode read or written: whether a module's .pyc existed changed the heap, and with it the
+    # resolver's order; compiling every module from source each time costs a few seconds and is the same each time.
+    env.update(PYTHONHASHSEED="0", PWD="/", PYTHONDONTWRITEBYTECODE="1",
+               PYTHONPYCACHEPREFIX=str(scratch / "no-bytecode"))
+    # One fixed folder (its path is on the child's sys.path and in the converter's strings), one conversion at a
+    # time: a lock file beside it.
+    with open(f"{scratch}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(mode=0o700)
+        try:
+            shutil.copyfile(onnx_path, scratch / "model.onnx")
+            res = subprocess.run([sys.executable, "-m", __name__, "model.onnx", ".", platform], cwd=scratch,
+                                 capture_output=True, text=True, env=env, check=False,
+                                 preexec_fn=_no_address_randomization)
+            said = (res.stdout + res.stderr).strip()
+            if res.returncode != 0 or not (scratch / "model.ort").is_file():
+                raise PipelineError(f"ORT format conversion failed: {said[-600:]}", where=str(onnx_path))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for made in [scratch / "model.ort", *scratch.glob("*required_operators*.config")]:
+                shutil.copyfile(made, out_dir / made.name)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return said
 
 
 def main(argv: list[str]) -> int:
     import logging
 
+    # onnxruntime.tools imports torch when it can find it, for a helper the converter never calls: 3 of the
+    # child's 6 seconds. A None entry makes find_spec answer "absent".
+    sys.modules["torch"] = None  # type: ignore[assignment]
     import onnxruntime.tools.convert_onnx_models_to_ort as converter
 
     logging.getLogger("ort_format_model.utils").setLevel(logging.WARNING)  # "Created config in <full path>"

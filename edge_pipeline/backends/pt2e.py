@@ -103,14 +103,22 @@ OUTPUT_RANGE_FRACTIONS = (1.0, 0.7, 0.5, 0.35, 0.25, 0.18, 0.12)
 
 
 def record_outputs(prepared: torch.fx.GraphModule) -> dict[str, list[torch.Tensor]]:
-    """Hooks on the observers whose outputs are the graph's outputs: what they see during calibration."""
+    """Hooks on the observers whose outputs are the graph's outputs: what they see during calibration. An
+    observer that also watches another tensor (called from more than one node) is left out: its range serves
+    that tensor too."""
     out = next(n for n in prepared.graph.nodes if n.op == "output")
+    calls: dict[int, int] = {}  # by the observer object: a shared quantization spec gives one object two names
+    for n in prepared.graph.nodes:
+        if n.op == "call_module":
+            key = id(prepared.get_submodule(n.target))
+            calls[key] = calls.get(key, 0) + 1
     seen: dict[str, list[torch.Tensor]] = {}
     for n in out.all_input_nodes:
-        if n.op == "call_module" and hasattr(prepared.get_submodule(n.target), "min_val"):
+        if (n.op == "call_module" and calls[id(prepared.get_submodule(n.target))] == 1
+                and hasattr(prepared.get_submodule(n.target), "min_val")):
             seen[n.target] = []
             prepared.get_submodule(n.target).register_forward_hook(
-                lambda _m, args, _out, name=n.target: seen[name].append(args[0].detach().reshape(len(args[0]), -1)))
+                lambda _m, args, _out, name=n.target: seen[name].append(args[0].detach()))
     return seen
 
 
@@ -134,7 +142,9 @@ def fit_output_ranges(prepared: nn.Module, seen: dict[str, list[torch.Tensor]]) 
         obs = prepared.get_submodule(name)
         if not chunks or not torch.isfinite(obs.min_val) or not torch.isfinite(obs.max_val):
             continue
-        x = torch.cat(chunks)
+        if chunks[0].dim() == 0 or len({c.shape[1:] for c in chunks}) > 1:
+            continue  # not rows of one shape (a scalar, or a first axis that is not the batch): left as observed
+        x = torch.cat(chunks).reshape(sum(len(c) for c in chunks), -1)
         lo, hi = obs.min_val.clone(), obs.max_val.clone()
         best = min(OUTPUT_RANGE_FRACTIONS, key=lambda f, obs=obs, x=x, lo=lo, hi=hi: _row_error(obs, x, lo * f, hi * f))
         obs.min_val, obs.max_val = lo * best, hi * best
