@@ -33,7 +33,7 @@ from edge_pipeline.modelstats import model_stats
 from edge_pipeline.pipeline import run as run_pipeline
 from edge_pipeline.runstore import find_stage
 from edge_pipeline.stages.device_test import measure_on_device, write_inputs
-from edge_pipeline.targets import load_profile, ort_files_for, ort_platform
+from edge_pipeline.targets import host_ort_platform, load_profile, ort_files_for
 
 PROFILES = {"executorch": "executorch-xnnpack", "onnxruntime": "ort-mobile", "tflite": "tflite"}
 VARIANTS = ("fp32_teacher", "default_int8_teacher", "pipeline_int8", "format_floor")
@@ -193,7 +193,7 @@ def _shipped(lower: dict, backend: str) -> dict:
 def bench_recipe(recipe_path: str, out_root: Path) -> dict:
     # ORT files for this machine (as lower ships them for an x86 target): one optimized for arm runs several
     # times slower here, and one quantized for arm overflows in x86's int8 kernels (see reduces_range).
-    with ort_files_for(ort_platform(platform.machine())):
+    with ort_files_for(host_ort_platform()):
         return _bench_recipe(recipe_path, out_root)
 
 
@@ -222,7 +222,7 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     float_metric = ev.score_outputs(ev.reference("test"), "test")
     cores = os.cpu_count() or 1
     thread_counts = sorted({1, cores})
-    host = ort_platform(platform.machine())
+    host = host_ort_platform()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}
         with progress.task(f"bench {recipe['name']}: export", total=len(PROFILES) * len(VARIANTS)) as task:

@@ -16,6 +16,7 @@ def evaluator_for_run(run_dir: Path):
     from edge_pipeline.evaluation import Evaluator, resolve_metric
     from edge_pipeline.interface import ModelInterface
     from edge_pipeline.modelio import load_model
+    from edge_pipeline.recipe import SplitConfig
     from edge_pipeline.sources import load_data
 
     teacher = find_stage(run_dir, "teacher")
@@ -25,7 +26,9 @@ def evaluator_for_run(run_dir: Path):
     run_doc = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     recipe = run_doc.get("recipe") or {}
     iface = ModelInterface.from_dict(teacher[1]["metrics"]["interface"])
-    data = load_data(teacher[1]["config"]["data"], preprocess=recipe.get("preprocess")).ordered_as(iface.input_names)
+    split = SplitConfig(**recipe.get("split", {}))
+    data = load_data(teacher[1]["config"]["data"], preprocess=recipe.get("preprocess"), labels=recipe.get("labels"),
+                     fractions=split.fractions()).ordered_as(iface.input_names)
     metric = resolve_metric(recipe.get("metric", "auto"), iface.output_names, data.train.y is not None,
                             recipe.get("metric_output"))
     model, _ = load_model(teacher[0] / "model.pt")

@@ -86,8 +86,9 @@ class Context:
         """The data as its source gives it (named inputs in the source's key order)."""
         from edge_pipeline.sources import load_data
 
-        return load_data(self.recipe.data, where=f"{self.recipe_path}: data",
-                         preprocess=self.recipe.preprocess.model_dump())
+        r = self.recipe
+        return load_data(r.data, where=f"{self.recipe_path}: data", preprocess=r.preprocess.model_dump(),
+                         labels=r.labels.model_dump(), fractions=r.split.fractions())
 
     @cached_property
     def data(self):

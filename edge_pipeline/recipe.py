@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_pipeline.errors import PipelineError, all_of
 
@@ -109,17 +109,80 @@ class PackageConfig(_Strict):
     allow_failing: bool = False
 
 
+# Named input scalings, after what they are: scale, then (x - mean) / std per channel.
+PREPROCESS_PRESETS = {
+    "imagenet": {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},  # torchvision
+    "lite": {"scale": 1.0, "mean": [127.0], "std": [128.0]},  # (x - 127) / 128: TFLite's EfficientNet-Lite
+    "inception": {"scale": 1.0, "mean": [127.5], "std": [127.5]},  # (x - 127.5) / 127.5: to [-1, 1]
+}
+
+
 class PreprocessConfig(_Strict):
     """How an image folder's files become model inputs; recorded in the bundle so an app can do the same."""
 
     mode: Literal["auto", "RGB", "L", "RGBA"] = "auto"  # auto: grayscale files stay 1-channel, others RGB
     resize: int | tuple[int, int] | None = None  # int: shorter side (aspect kept); [height, width]: exact
     center_crop: int | tuple[int, int] | None = None
+    preset: Literal["imagenet", "lite", "inception"] | None = None  # sets scale, mean and std
     scale: float = Field(1 / 255, gt=0)  # pixel values times this, before mean/std
     mean: list[float] | None = None
     std: list[float] | None = None
     channel_order: Literal["RGB", "BGR"] = "RGB"
     layout: Literal["NCHW", "NHWC"] = "NCHW"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, v):
+        if not isinstance(v, dict) or v.get("preset") is None:
+            return v
+        clash = sorted({"scale", "mean", "std"} & set(v))
+        if clash:
+            raise ValueError(f"preset '{v['preset']}' sets scale, mean and std; also given: {', '.join(clash)} "
+                             "(give the preset or the three values)")
+        return {**v, **PREPROCESS_PRESETS.get(v["preset"], {})}
+
+
+class LabelsConfig(_Strict):
+    """Which output index each class is, for an image folder: ``classes`` fixes the ids (a file of one class name
+    per line, or ``imagenet-1k``: the 1000 synsets sorted, the order of every ImageNet classifier's outputs) so
+    that a folder holding some of the classes still gets the model's own ids; ``pattern`` reads each photo's
+    class from its file name (a regular expression with a group named ``class``) instead of its sub-folder."""
+
+    classes: str | None = None
+    pattern: str | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern_has_a_class_group(cls, v: str | None) -> str | None:
+        import re
+
+        if v is None:
+            return v
+        try:
+            compiled = re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a regular expression: {e}") from None
+        if "class" not in compiled.groupindex:
+            raise ValueError("needs a group named 'class', e.g. '_(?P<class>n[0-9]{8})_'")
+        return v
+
+
+class SplitConfig(_Strict):
+    """The shares of validation and test rows where the pipeline splits the data itself (files, arrays, an
+    image folder, a Dataset); the rest trains and calibrates. Built-in zoo data keeps its own split."""
+
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leaves_training_rows(self):
+        if self.val + self.test >= 1:
+            raise ValueError(f"val {self.val} + test {self.test} leaves no training rows; keep the sum below 1")
+        return self
+
+    def fractions(self) -> tuple[float, float]:
+        """(train, val) as the splitters take them."""
+        return (round(1 - self.val - self.test, 12), self.val)
 
 
 class Recipe(_Strict):
@@ -129,6 +192,8 @@ class Recipe(_Strict):
     weights: str | None = None  # a state_dict file for the model (loaded with weights_only=True)
     data: str
     preprocess: PreprocessConfig = PreprocessConfig()
+    labels: LabelsConfig = LabelsConfig()
+    split: SplitConfig = SplitConfig()
     # top1 | top5 | cosine | sqnr | max_abs | package.module:callable(outputs, labels) -> float; auto: top1 with
     # labels, else cosine against the float teacher. Budgets (max_accuracy_drop) apply to it.
     metric: str = "auto"
@@ -190,6 +255,26 @@ def parse_recipe(data: object, source: str = "<recipe>") -> Recipe:
         raise all_of([_explain(err, source) for err in e.errors()]) from None
 
 
+def expand_env(value, key: str):
+    """``${NAME}`` and ``${NAME:-default}`` in a path from the environment, so that one recipe serves data kept
+    in a different folder on each machine (``EDGE_PIPELINE_IMAGENET=/data/imagenet/val``)."""
+    import os
+    import re
+
+    if not isinstance(value, str):
+        return value
+
+    def sub(m):
+        name, default = m.group(1), m.group(3)
+        if name in os.environ:
+            return os.environ[name]
+        if default is None:
+            raise PipelineError(f"environment variable {name} is not set", where=key,
+                                hint=f"set {name}, or write ${{{name}:-default}} in the recipe")
+        return default
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-([^}]*))?\}", sub, value)
+
+
 def resolve_paths(doc: dict, base: Path) -> dict:
     """Every relative path written in a recipe (weights, data, output, calibrate.set, package.dist, target
     .yaml files) is taken relative to the recipe file's folder, so a project recipe means the same files from
@@ -204,7 +289,10 @@ def resolve_paths(doc: dict, base: Path) -> dict:
     doc = dict(doc)
     for key in ("weights", "data", "output"):
         if key in doc:
-            doc[key] = fix(doc[key])
+            doc[key] = fix(expand_env(doc[key], key))
+    labels = doc.get("labels")
+    if isinstance(labels, dict) and labels.get("classes") not in (None, "imagenet-1k"):
+        doc["labels"] = {**labels, "classes": fix(expand_env(labels["classes"], "labels.classes"))}
     for section, key in (("calibrate", "set"), ("package", "dist")):
         if isinstance(doc.get(section), dict) and key in doc[section]:
             doc[section] = {**doc[section], key: fix(doc[section][key])}

@@ -64,7 +64,9 @@ class Profile(_Strict):
     precision: Literal["fp32", "int8"]
     quantization: QuantConfig = QuantConfig()
     io: Literal["float", "int8"] = "float"  # tflite int8 models: quantized or float inputs/outputs
-    platform: Literal["arm", "amd64"] = "arm"  # ORT format: layouts baked in for this platform
+    # ORT format: layouts baked in for this platform. amd64-vnni: x86-64 with int8 dot-product instructions
+    # (AVX512-VNNI, AVX-VNNI), whose kernels take full 8-bit weights; plain amd64 files use 7-bit weights.
+    platform: Literal["arm", "amd64", "amd64-vnni"] = "arm"
     threads: int = Field(1, ge=1)
     budgets: Budgets = Budgets()
 
@@ -74,10 +76,27 @@ def ort_platform(machine: str) -> str:
     return "arm" if machine.lower().startswith(("arm", "aarch")) else "amd64"
 
 
+def host_ort_platform() -> str:
+    """This machine's ORT platform, ``amd64-vnni`` where /proc/cpuinfo lists int8 dot-product instructions."""
+    import platform
+
+    host = ort_platform(platform.machine())
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return host
+    return "amd64-vnni" if host == "amd64" and flags & {"avx512_vnni", "avx_vnni"} else host
+
+
+def converter_platform(profile: Profile) -> str:
+    """The ORT format converter's platform for a profile (VNNI or not, the layouts are x86's)."""
+    return profile.platform.removesuffix("-vnni")
+
+
 def platform_notes(profile: Profile, machine: str | None) -> list[str]:
     """Why a latency measured on ``machine`` may not be the target's: an ORT file has its platform's layouts
     baked in, and one built for arm runs several times slower on x86 (and the other way round)."""
-    if profile.backend != "onnxruntime" or not machine or ort_platform(machine) == profile.platform:
+    if profile.backend != "onnxruntime" or not machine or ort_platform(machine) == converter_platform(profile):
         return []
     return [f"ORT file optimized for {profile.platform}, measured on {machine}: latency is not the target's"]
 

@@ -67,6 +67,8 @@ def test_ort_platform_and_the_note_for_a_file_built_for_another_one():
     assert platform_notes(load_profile("tflite-int8"), "x86_64") == []
     assert load_profile("ort-x86-int8").platform == "amd64" and platform_notes(load_profile("ort-x86-int8"),
                                                                                 "x86_64") == []
+    vnni = load_profile("ort-x86-vnni-int8")
+    assert vnni.platform == "amd64-vnni" and platform_notes(vnni, "x86_64") == [], "x86 layouts, VNNI or not"
 
 
 def test_bench_builds_ort_files_for_the_machine_that_times_them():

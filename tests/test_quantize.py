@@ -257,6 +257,18 @@ def test_ort_files_for_x86_use_7bit_weights_and_stay_right_without_vnni(tmp_path
     got = run_artifact(path, ArraySplit((x,), None), 1)[0]
     want = flat(torch.from_numpy(x))[0].detach().numpy()
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
+    assert "without VNNI" in ob.describe(path)["weight_bits_reason"]
+
+    vnni = tmp_path / "vnni"
+    vnni.mkdir()
+    path = ob.export(flat, (torch.from_numpy(x[:1]),), (x,), load_profile("ort-x86-vnni-int8"), vnni, iface,
+                     fixtures=False)
+    doc = ob.describe(path)
+    assert not doc["weights_7bit"] and "accumulate in int32" in doc["weight_bits_reason"]
+    qdq = onnx.load(str(vnni / "model.onnx"))
+    weights = [numpy_helper.to_array(t) for t in qdq.graph.initializer if t.data_type == onnx.TensorProto.INT8
+               and t.dims and len(t.dims) == 4]
+    assert max(np.abs(w.astype(int)).max() for w in weights) == 127, "full 8-bit weights for VNNI CPUs"
 
 
 def test_fallback_tries_only_layers_that_carry_the_noise():

@@ -12,7 +12,7 @@ from torch import nn
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.interface import ModelInterface, flat_name
-from edge_pipeline.targets import Profile
+from edge_pipeline.targets import Profile, converter_platform
 
 SUFFIX = ".ort"
 RUNTIME = "onnxruntime"
@@ -114,8 +114,15 @@ def reduces_range(profile: Profile) -> bool:
     CPUs without VNNI (AVX2 only) the kernel adds pairs of products in int16, which overflows with full 8-bit
     weights (255*127*2 > 32767). Measured on EfficientNet-Lite0 on an AVX2-only host, top-1 agreement with fp32:
     69% with 8-bit weights, 81% with 7-bit, 85% for the same model built for arm. uint8 weights avoid the
-    overflow too but ORT then runs the convolutions in float (6x slower)."""
+    overflow too but ORT then runs the convolutions in float (6x slower). CPUs with VNNI add the products in int32:
+    ``amd64-vnni`` files keep full 8-bit weights."""
     return profile.platform == "amd64"
+
+
+WEIGHT_BITS_REASON = {
+    True: "7-bit weights: x86 CPUs without VNNI add u8 x s8 products in int16, which 8-bit weights overflow",
+    False: "8-bit weights: the target's int8 kernels accumulate in int32 (arm, x86 with VNNI)",
+}
 
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
@@ -132,10 +139,13 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     else:
         _float_onnx(model, example, final, iface)
     _strip_build_paths(final)
-    to_ort(final, out_dir, profile.platform)
+    to_ort(final, out_dir, converter_platform(profile))
     shutil.rmtree(build)
     seven_bit = profile.precision == "int8" and not default_flow and reduces_range(profile)  # QAT's too
-    (out_dir / "describe.json").write_text(json.dumps(_describe(final, out_dir, float_layers, seven_bit), indent=1))
+    doc = _describe(final, out_dir, float_layers, seven_bit)
+    if profile.precision == "int8":
+        doc["weight_bits_reason"] = WEIGHT_BITS_REASON[seven_bit] + f" (platform {profile.platform})"
+    (out_dir / "describe.json").write_text(json.dumps(doc, indent=1))
     if fixtures:
         write_fixtures(out_dir / f"model{SUFFIX}", example, iface)
     return out_dir / f"model{SUFFIX}"

@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any
 
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.sources.data import DATA_ZOO, Split, Splits, load_npz, presplit, split_arrays, split_dataset
+from edge_pipeline.sources.data import (
+    DATA_ZOO,
+    SPLIT_FRACTIONS,
+    Split,
+    Splits,
+    load_npz,
+    presplit,
+    split_arrays,
+    split_dataset,
+)
 
 # Names only, so that validating a recipe does not import torch (zoo.MODEL_ZOO holds the classes).
 ZOO_MODELS = ("digits-cnn", "mobilenetv2-tiny", "resnet-tiny", "efficientnet-lite0")
@@ -116,28 +125,33 @@ def check_data_source(source: str, where: str) -> None:
     _import_callable(source, where)
 
 
-def load_data(source: str, where: str = "data", preprocess: dict | None = None) -> Splits:
-    """The data a recipe names, checked (labels, NaN/Inf, lengths, sizes) and split."""
+def load_data(source: str, where: str = "data", preprocess: dict | None = None, labels: dict | None = None,
+              fractions=SPLIT_FRACTIONS) -> Splits:
+    """The data a recipe names, checked (labels, NaN/Inf, lengths, sizes) and split (``fractions``: train and
+    val shares where the data is split here). ``labels`` (classes, pattern) applies to image folders."""
     check_data_source(source, where)
     if is_zoo(source):
         return DATA_ZOO[source[4:]]()
     path = Path(source)
     if path.is_file():
-        return load_npz(path)
+        return load_npz(path, fractions)
     if path.is_dir():
         from edge_pipeline.sources.images import load_image_folder
 
-        return load_image_folder(path, preprocess)
+        return load_image_folder(path, preprocess, labels, fractions)
+    if labels and any(labels.values()):
+        raise PipelineError("labels.classes and labels.pattern apply to an image folder", where=where,
+                            hint=f"'{source}' is a callable: give its Dataset a classes list instead")
     out = call_user(source, where)
     if isinstance(out, Splits):
         return out
     if isinstance(out, dict):
         return presplit(out, source)
     if isinstance(out, tuple) and len(out) == 2:
-        return split_arrays(out[0], out[1], None, source)
+        return split_arrays(out[0], out[1], None, source, fractions)
     dataset = getattr(out, "dataset", out)  # a DataLoader streams its dataset
     if hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__"):
-        return split_dataset(dataset, source, getattr(dataset, "classes", None))
+        return split_dataset(dataset, source, getattr(dataset, "classes", None), fractions=fractions)
     raise PipelineError(f"'{source}' returned {type(out).__name__}", where=where,
                         hint="return Splits, (x, y) arrays, a torch Dataset or DataLoader, or a dict of "
                              "train/val/test")

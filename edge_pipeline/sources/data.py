@@ -20,6 +20,7 @@ import numpy as np
 from edge_pipeline.errors import PipelineError
 
 SPLIT_SEED = 0
+SPLIT_FRACTIONS = (0.6, 0.2)  # train, val; the rest is test
 MIN_SAMPLES = 10  # fewer cannot give three non-empty splits worth measuring
 LABEL_KEYS = ("label", "labels", "y", "target")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".pgm", ".ppm", ".gif", ".tif", ".tiff", ".webp"}
@@ -268,7 +269,7 @@ def _check_sizes(n: int, y: np.ndarray | None, where: str) -> None:
                                  "outputs")
 
 
-def split_indices(n: int, y: np.ndarray | None, fractions=(0.6, 0.2), seed: int = SPLIT_SEED):
+def split_indices(n: int, y: np.ndarray | None, fractions=SPLIT_FRACTIONS, seed: int = SPLIT_SEED):
     """Seeded train/val/test indices, stratified by class where every class allows it, else plain."""
     from sklearn.model_selection import train_test_split
 
@@ -284,7 +285,7 @@ def split_indices(n: int, y: np.ndarray | None, fractions=(0.6, 0.2), seed: int 
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def split_arrays(inputs, y, classes: list[str] | None, source: str, fractions=(0.6, 0.2),
+def split_arrays(inputs, y, classes: list[str] | None, source: str, fractions=SPLIT_FRACTIONS,
                  seed: int = SPLIT_SEED, input_names: list[str] | None = None,
                  preprocessing: dict | None = None) -> Splits:
     """Check and split in-memory arrays (one array or a tuple of them, one row per sample)."""
@@ -311,7 +312,7 @@ def split_arrays(inputs, y, classes: list[str] | None, source: str, fractions=(0
 
 
 def split_dataset(dataset, source: str, classes: list[str] | None = None, preprocessing: dict | None = None,
-                  seed: int = SPLIT_SEED) -> Splits:
+                  seed: int = SPLIT_SEED, fractions=SPLIT_FRACTIONS) -> Splits:
     """Split a torch Dataset by index; only its labels are read up front (``targets`` when it has them)."""
     where = f"data {source}"
     n = len(dataset)
@@ -322,7 +323,7 @@ def split_dataset(dataset, source: str, classes: list[str] | None = None, prepro
     if label is not None:
         y, classes = check_labels(np.asarray(dataset_labels(dataset, where)), classes, f"{where}: labels")
     _check_sizes(n, y, where)
-    parts = split_indices(n, y, seed=seed)
+    parts = split_indices(n, y, fractions, seed)
 
     def pick(ids):
         return StreamSplit(dataset, ids, None if y is None else y[ids], where)
@@ -410,7 +411,7 @@ def digits(size: int = 8) -> Splits:
 DATA_ZOO = {"digits": lambda: digits(8), "digits32": lambda: digits(32)}
 
 
-def load_npz(path: Path) -> Splits:
+def load_npz(path: Path, fractions=SPLIT_FRACTIONS) -> Splits:
     """An .npz with ``x`` (or ``x0``, ``x1``, ... for several inputs) and optionally ``y`` and ``classes``; or
     pre-split ``x_train``/``x_val``/``x_test`` (with ``y_<split>``)."""
     with np.load(path, allow_pickle=False) as z:
@@ -424,4 +425,4 @@ def load_npz(path: Path) -> Splits:
             raise PipelineError(f"{path} has no array 'x' (found: {', '.join(sorted(keys))})",
                                 where=str(path), hint="save inputs as x= (or x0=, x1=, ...) and labels as y=")
         inputs = (z["x"],) if "x" in keys else tuple(z[k] for k in multi)
-        return split_arrays(inputs, z["y"] if "y" in keys else None, classes, str(path))
+        return split_arrays(inputs, z["y"] if "y" in keys else None, classes, str(path), fractions)

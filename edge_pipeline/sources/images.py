@@ -7,15 +7,17 @@ there is no CPU build of torchvision to lean on.
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 
 import numpy as np
 
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.sources.data import IMAGE_SUFFIXES, Splits, split_dataset
+from edge_pipeline.sources.data import IMAGE_SUFFIXES, SPLIT_FRACTIONS, Splits, split_dataset
 
-DEFAULT_PREPROCESS = {"mode": "auto", "resize": None, "center_crop": None, "scale": 1 / 255, "mean": None,
-                      "std": None, "channel_order": "RGB", "layout": "NCHW"}
+DEFAULT_PREPROCESS = {"mode": "auto", "resize": None, "center_crop": None, "preset": None, "scale": 1 / 255,
+                      "mean": None, "std": None, "channel_order": "RGB", "layout": "NCHW"}
 
 
 def resolve_mode(first_image, mode: str) -> str:
@@ -78,25 +80,79 @@ class ImageFolderDataset:
                                 hint="remove or replace the file") from None
 
 
-def load_image_folder(path: Path, options: dict | None = None) -> Splits:
+IMAGENET_1K = "imagenet-1k"
+
+
+def read_class_list(spec: str, where: str) -> list[str]:
+    """The class names in output order: ``imagenet-1k`` (shipped) or a file of one name per line."""
+    path = Path(__file__).with_name("imagenet_1k_synsets.txt") if spec == IMAGENET_1K else Path(spec)
+    if not path.is_file():
+        raise PipelineError(f"class list not found: {spec}", where=where,
+                            hint=f"give a file with one class name per line, in the model's output order, or "
+                                 f"{IMAGENET_1K}")
+    names = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if not names or repeated:
+        raise PipelineError(f"class list {spec} " + (f"names {repeated[0]} twice" if repeated else "is empty"),
+                            where=where, hint="one distinct class name per line")
+    return names
+
+
+def _label_ids(found: list[str], classes: list[str] | None, what: list[str], where: str,
+               list_name: str | None) -> tuple[list[int], list[str]]:
+    """Class names per image to ids: by their place in the class list, else in sorted order."""
+    if classes is None:
+        classes = sorted(set(found))
+        return [classes.index(c) for c in found], classes
+    index = {c: i for i, c in enumerate(classes)}
+    for name, item in zip(found, what, strict=True):
+        if name not in index:
+            close = difflib.get_close_matches(name, classes, n=1)
+            raise PipelineError(f"class '{name}' of {item} is not in the class list {list_name}", where=where,
+                                hint=(f"did you mean {close[0]}? " if close else "")
+                                     + "the class list must name every class the folder holds")
+    return [index[c] for c in found], classes
+
+
+def load_image_folder(path: Path, options: dict | None = None, labels: dict | None = None,
+                      fractions=SPLIT_FRACTIONS) -> Splits:
+    """Images with their classes: one sub-folder per class (ImageNet's own layout), or the class read from each
+    file name by ``labels['pattern']``; ``labels['classes']`` fixes the class ids."""
     from PIL import Image
 
-    class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
-    if not class_dirs:
-        raise PipelineError(f"image folder {path} has no class sub-folders", where=str(path),
-                            hint="lay images out as FOLDER/<class>/<image>.png")
-    files, targets = [], []
-    for label, d in enumerate(class_dirs):
-        for f in sorted(d.iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                files.append(f)
-                targets.append(label)
+    labels = labels or {}
+    where = str(path)
+    classes = read_class_list(labels["classes"], f"{where}: labels.classes") if labels.get("classes") else None
+    files, found, what = [], [], []
+    if labels.get("pattern"):
+        pattern = re.compile(labels["pattern"])
+        for f in sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+            m = pattern.search(f.name)
+            if m is None:
+                raise PipelineError(f"file name {f.name} does not match labels.pattern {pattern.pattern!r}",
+                                    where=str(f), hint="fix the pattern, or move files that are not data away")
+            files.append(f)
+            found.append(m.group("class"))
+            what.append(f"file {f.relative_to(path)}")
+    else:
+        class_dirs = sorted(p for p in path.iterdir() if p.is_dir())
+        if not class_dirs:
+            raise PipelineError(f"image folder {path} has no class sub-folders", where=where,
+                                hint="lay images out as FOLDER/<class>/<image>.png, or read classes from file "
+                                     "names with labels.pattern")
+        for d in class_dirs:
+            for f in sorted(d.iterdir()):
+                if f.suffix.lower() in IMAGE_SUFFIXES:
+                    files.append(f)
+                    found.append(d.name)
+                    what.append(f"sub-folder {d.name}")
     if not files:
-        raise PipelineError(f"image folder {path} holds no images", where=str(path))
+        raise PipelineError(f"image folder {path} holds no images", where=where)
+    targets, classes = _label_ids(found, classes, what, where, labels.get("classes"))
     p = {**DEFAULT_PREPROCESS, **(options or {})}
     with Image.open(files[0]) as first:
         p["mode"] = resolve_mode(first, p["mode"])
         if not p["resize"] and not p["center_crop"]:
             p["resize"] = [first.size[1], first.size[0]]  # every image to the first one's size
-    return split_dataset(ImageFolderDataset(files, targets, p), str(path), [d.name for d in class_dirs],
-                         preprocessing=p)
+    return split_dataset(ImageFolderDataset(files, targets, p), str(path), classes, preprocessing=p,
+                         fractions=fractions)

