@@ -31,8 +31,12 @@ zoo: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not zoo"
 
+# EfficientNet-Lite0 on labelled ImageNet photos where a folder of them is at hand (EDGE_PIPELINE_IMAGENET, or the
+# development samples beside the project), else on the unlabelled photographs that ship in PyPI wheels.
+LITE0 := $(if $(or $(EDGE_PIPELINE_IMAGENET),$(wildcard ../shared/imagenet-samples)),recipes/efficientnet-lite0-imagenet.yaml,recipes/efficientnet-lite0.yaml)
+
 bench: $(STAMP)
-	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml recipes/efficientnet-lite0.yaml recipes/efficientnet32-qat.yaml --out BENCHMARKS.md
+	$(BIN)/edge-pipeline bench recipes/digits.yaml recipes/mobilenet32.yaml $(LITE0) recipes/efficientnet32-qat.yaml --out BENCHMARKS.md
 
 # An emulated arm64 board (qemu-user) in .arm-board/, for tests/test_arm_board.py; needs root.
 arm-board: $(STAMP)

@@ -391,6 +391,24 @@ def test_output_layers_stay_out_of_static_int8_where_the_backend_can_keep_them(t
     kept = output_layer_nodes(pre)
     assert [n.op_type for n in pre.graph.node if n.name in kept] == ["Gemm"], kept
 
+    # ORT: the head computes in float from int8 weights (a byte a weight in the file), and the rows agree
+    from edge_pipeline.backends import onnxruntime as ob
+    from edge_pipeline.evaluation import run_artifact
+    from edge_pipeline.sources.data import ArraySplit
+
+    (tmp_path / "ort").mkdir()
+    path = ob.export(model, (torch.from_numpy(rows[:1]),), calibration, load_profile("ort-mobile-int8"),
+                     tmp_path / "ort", iface, fixtures=False)
+    qdq = onnx.load(str(tmp_path / "ort" / "model.onnx"))
+    producer = {o: n for n in qdq.graph.node for o in n.output}
+    gemm = next(n for n in qdq.graph.node if n.op_type == "Gemm")
+    dq = producer[gemm.input[1]]
+    int8 = {t.name: t for t in qdq.graph.initializer}[dq.input[0]]
+    assert dq.op_type == "DequantizeLinear" and int8.data_type == onnx.TensorProto.INT8
+    assert not any(t.data_type == onnx.TensorProto.FLOAT and len(t.dims) == 2 for t in qdq.graph.initializer)
+    got = run_artifact(path, ArraySplit((rows,), None), 1)[0].argmax(1)
+    assert (got == ref.numpy()).mean() >= 0.95
+
 
 def test_a_static_int8_output_takes_the_range_that_serves_the_rows():
     """Where the outputs stay int8 (LiteRT's int8 I/O), their range is fitted to the rows, not to the extremes:
