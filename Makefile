@@ -21,15 +21,17 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/edge-pipeline run $(RECIPE)
 
+# Two workers, one test file each at a time (module fixtures are built once): most of a test's time is
+# single-threaded export and conversion, so two cores run two files at once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not zoo"
+	$(BIN)/python -m pytest -q -m "not zoo" -n 2 --dist loadfile
 
 # The model-zoo check: timm, torchvision and transformers architectures through init and int8 on three runtimes.
 zoo: $(STAMP)
 	$(BIN)/python -m pytest -q -m zoo
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow and not zoo"
+	$(BIN)/python -m pytest -q -m "not slow and not zoo" -n 2 --dist loadfile
 
 # EfficientNet-Lite0 on labelled ImageNet photos where a folder of them is at hand (EDGE_PIPELINE_IMAGENET, or the
 # development samples beside the project), else on the unlabelled photographs that ship in PyPI wheels.

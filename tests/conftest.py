@@ -1,5 +1,11 @@
+import os
+
 import pytest
 import yaml
+
+# The CLI wraps its messages at $COLUMNS when stderr is not a terminal; pytest-xdist's workers run with a narrow
+# one, and the tests read whole sentences: one width for every process the tests start.
+os.environ["COLUMNS"] = "200"
 
 
 @pytest.fixture(scope="session")
