@@ -142,6 +142,9 @@ class PreprocessConfig(_Strict):
         return {**v, **PREPROCESS_PRESETS.get(v["preset"], {})}
 
 
+IMAGENET_1K = "imagenet-1k"  # the shipped class list's name in a recipe
+
+
 class LabelsConfig(_Strict):
     """Which output index each class is, for an image folder: ``classes`` fixes the ids (a file of one class name
     per line, or ``imagenet-1k``: the 1000 synsets sorted, the order of every ImageNet classifier's outputs) so
@@ -291,7 +294,7 @@ def resolve_paths(doc: dict, base: Path) -> dict:
         if key in doc:
             doc[key] = fix(expand_env(doc[key], key))
     labels = doc.get("labels")
-    if isinstance(labels, dict) and labels.get("classes") not in (None, "imagenet-1k"):
+    if isinstance(labels, dict) and labels.get("classes") not in (None, IMAGENET_1K):
         doc["labels"] = {**labels, "classes": fix(expand_env(labels["classes"], "labels.classes"))}
     for section, key in (("calibrate", "set"), ("package", "dist")):
         if isinstance(doc.get(section), dict) and key in doc[section]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.recipe import IMAGENET_1K
 from edge_pipeline.sources.data import IMAGE_SUFFIXES, SPLIT_FRACTIONS, Splits, split_dataset
 
 DEFAULT_PREPROCESS = {"mode": "auto", "resize": None, "center_crop": None, "preset": None, "scale": 1 / 255,
@@ -78,9 +79,6 @@ class ImageFolderDataset:
         except (UnidentifiedImageError, OSError) as e:
             raise PipelineError(f"cannot read image: {e}", where=str(self.files[i]),
                                 hint="remove or replace the file") from None
-
-
-IMAGENET_1K = "imagenet-1k"
 
 
 def read_class_list(spec: str, where: str) -> list[str]:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.recipe import PREPROCESS_PRESETS
 
-LITE_MEAN, LITE_STD = 127.0, 128.0  # the model's own input scaling (the ``lite`` preprocessing preset)
 SIZE, CROPS_PER_PHOTO = 224, 24
 # Colour photographs of everyday scenes, by split: no photograph is in two splits.
 SKIMAGE_PHOTOS = {"train": ["astronaut.png", "chelsea.png", "coffee.png", "motorcycle_left.png", "color.png",
@@ -105,7 +105,8 @@ class PhotoCrops:
         a = np.asarray(img, dtype=np.float32)
         if flip:
             a = a[:, ::-1]
-        a = (a - LITE_MEAN) / LITE_STD
+        lite = PREPROCESS_PRESETS["lite"]  # the model's own input scaling
+        a = (a * lite["scale"] - lite["mean"][0]) / lite["std"][0]
         return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 
