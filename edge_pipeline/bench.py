@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from edge_pipeline import progress
-from edge_pipeline.backends import get_backend
+from edge_pipeline.backends import backends, get_backend
 from edge_pipeline.devices import LocalDevice, parse_device
 from edge_pipeline.modelio import load_model
 from edge_pipeline.modelstats import model_stats
@@ -35,7 +35,6 @@ from edge_pipeline.runstore import find_stage
 from edge_pipeline.stages.device_test import measure_on_device, write_inputs
 from edge_pipeline.targets import host_ort_platform, load_profile, ort_files_for
 
-PROFILES = {"executorch": "executorch-xnnpack", "onnxruntime": "ort-mobile", "tflite": "tflite"}
 VARIANTS = ("fp32_teacher", "default_int8_teacher", "pipeline_int8", "format_floor")
 RUNS, WARMUP, ROUNDS = 500, 50, 5
 MIN_RUNS, SECONDS_PER_MEASURE, MACS_PER_MS = 50, 1.5, 5e7  # big models: fewer timed runs, same rounds
@@ -144,15 +143,13 @@ def method_study(teacher: nn.Module, example, calibration, ev, tmp: Path) -> dic
     """Every calibration method each backend offers, on the fp32 teacher with the same representative set:
     {backend: {method: {test_metric, top1_agreement, cosine, size_bytes, seconds}}}. The production stage
     uses the method its profile names; this is where the choice is measured (batch 1, this machine)."""
-    from edge_pipeline.backends.onnxruntime import ORT_METHODS
-    from edge_pipeline.backends.pt2e import PT2E_METHODS
     from edge_pipeline.evaluation import run_artifact
 
     out: dict = {}
-    methods = {"executorch": PT2E_METHODS, "onnxruntime": tuple(ORT_METHODS), "tflite": PT2E_METHODS}
+    methods = {name: b.BACKEND.calibration_methods for name, b in backends().items()}
     with progress.task("bench: calibration methods", total=sum(len(m) for m in methods.values())) as task:
         for backend, names in methods.items():
-            base = load_profile(f"{PROFILES[backend]}-int8")
+            base = load_profile(backends()[backend].BACKEND.targets[0])
             for method in names:
                 task.advance(0, f"{backend} {method}")
                 profile = base.model_copy(update={"quantization": base.quantization.model_copy(
@@ -225,8 +222,8 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     host = host_ort_platform()
     with tempfile.TemporaryDirectory() as tmp:
         artifacts = {}
-        with progress.task(f"bench {recipe['name']}: export", total=len(PROFILES) * len(VARIANTS)) as task:
-            for backend in PROFILES:
+        with progress.task(f"bench {recipe['name']}: export", total=len(backends()) * len(VARIANTS)) as task:
+            for backend, mod in backends().items():
                 for variant in VARIANTS:
                     task.advance()
                     if variant == "pipeline_int8":
@@ -234,10 +231,11 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
                         if shipped:
                             artifacts[backend, variant] = lower_dir / shipped["artifact"]
                             continue
-                    profile = load_profile(f"{PROFILES[backend]}-{'fp32' if variant == 'fp32_teacher' else 'int8'}")
+                    int8_target, fp32_target = mod.BACKEND.targets
+                    profile = load_profile(fp32_target if variant == "fp32_teacher" else int8_target)
                     folder = Path(tmp) / f"{backend}-{variant}"
                     folder.mkdir()
-                    artifacts[backend, variant] = get_backend(backend).export(
+                    artifacts[backend, variant] = mod.export(
                         models[variant], example, calibration, profile, folder, iface,
                         default_flow=variant == "default_int8_teacher", fixtures=False)
         methods = method_study(teacher, example, calibration, ev, Path(tmp))
@@ -245,7 +243,7 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
         write_inputs(test_x, data.test)
         with progress.task(f"bench {recipe['name']}: time", total=ROUNDS * len(artifacts) * len(thread_counts)) as task:
             timed, outputs = _timed_rounds(artifacts, test_x, thread_counts, runs, task)
-        backends: dict = {}
+        by_backend: dict = {}
         for (backend, variant), artifact in artifacts.items():
             size, params = artifact.stat().st_size, stats[variant]["params"]
             figures = ev.figures(outputs[backend, variant], "test")
@@ -255,8 +253,8 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
                    **{f"threads_{t}": _summary(timed[backend, variant][t]) for t in thread_counts}}
             if variant == "format_floor":
                 row["format_overhead_bytes"] = size - params
-            backends.setdefault(backend, {})[variant] = row
-    for by in backends.values():
+            by_backend.setdefault(backend, {})[variant] = row
+    for by in by_backend.values():
         base = by["fp32_teacher"]
         for variant in VARIANTS[1:]:
             by[variant]["ratio_to_fp32"] = {
@@ -266,14 +264,14 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     stage_seconds = {s: r.get("seconds") for s, r in summary.run_json["stages"].items()}
     ptq_only = not (recipe["prune"]["enabled"] or recipe["distill"]["enabled"])
     ceiling = lower["float"].get("int8_weights_only_test_metric")
-    for backend, by in backends.items():
+    for backend, by in by_backend.items():
         shipped = _shipped(lower, backend)
         by["pipeline_int8"]["float_layers"] = shipped.get("float_layers", [])
         by["pipeline_int8"]["fallback_exports"] = shipped.get("fallback_exports", 1) if shipped else None
         by["pipeline_int8"]["fallback"] = shipped.get("fallback")
         by["pipeline_int8"]["targets"] = check_targets(by, ptq_only, ceiling,
                                                        sum(v for v in stage_seconds.values() if v is not None))
-    return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": backends,
+    return {"recipe": recipe["name"], "data": recipe["data"], "model": recipe["model"], "backends": by_backend,
             "metric": ev.metric.name, "float_test_metric": float_metric, "int8_weights_only_test_metric": ceiling,
             "ptq_only": ptq_only, "timed_runs": runs, "test_rows": len(data.test),
             "stage_seconds": stage_seconds, "cores": cores, "ort_platform": host, "calibration_methods": methods,

@@ -5,11 +5,6 @@ from __future__ import annotations
 import shutil
 from importlib import metadata
 
-BACKEND_PACKAGES = {
-    "executorch": ("torch", "executorch"),
-    "onnxruntime": ("torch", "onnx", "onnxscript", "onnxruntime"),
-    "tflite": ("torch", "litert-torch", "ai-edge-litert"),
-}
 DEVICE_TOOLS = ("ssh", "scp", "adb")
 
 
@@ -22,7 +17,10 @@ def _version(pkg: str) -> str | None:
 
 def backend_status() -> dict[str, dict]:
     out = {}
-    for backend, pkgs in BACKEND_PACKAGES.items():
+    from edge_pipeline.backends import backends
+
+    for backend, mod in backends().items():
+        pkgs = mod.BACKEND.packages
         versions = {p: _version(p) for p in pkgs}
         out[backend] = {"ok": all(versions.values()), "packages": versions, "needs": list(pkgs)}
     return out

@@ -49,9 +49,9 @@ def predict(model: nn.Module, split: Split, batch_size: int = 64, device: str = 
 def run_artifact(path: Path, split: Split, threads: int = 1, batch_size: int = 256) -> list[np.ndarray]:
     """Every output of a deployable artifact over the split, in this process through the on-device runner's
     own Model class, one row at a time (shipped artifacts take batch 1)."""
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
-    model = load_runner().Model(str(path), threads)
+    model = harness.Model(str(path), threads)
     chunks = []
     for inputs, _ in split.batches(batch_size):
         chunks += [model.run([a[i:i + 1] for a in inputs]) for i in range(len(inputs[0]))]

@@ -15,8 +15,12 @@ import yaml
 
 from edge_pipeline.errors import PipelineError
 
-DEFAULT_TARGETS = ("executorch-xnnpack-int8", "executorch-xnnpack-fp32", "ort-mobile-int8", "ort-mobile-fp32",
-                   "tflite-int8", "tflite-fp32")
+
+def default_targets() -> list[str]:
+    """Every backend's built-in int8 and fp32 profiles."""
+    from edge_pipeline.backends import backends
+
+    return [t for b in backends().values() for t in b.BACKEND.targets]
 
 
 def default_name(model: str) -> str:
@@ -44,7 +48,7 @@ def starter_recipe(model: str, data: str, targets: list[str] | None = None, name
     else:  # the float model's own top-1 (one output) or cosine (several) is the reference
         doc |= {"prune": {"enabled": False}, "distill": {"enabled": False}}
     doc |= {"calibrate": {"set": f"calibration/{name}-256", "samples": 256},
-            "targets": list(targets or DEFAULT_TARGETS), "devices": ["local"], "package": {"version": "0.1.0"}}
+            "targets": list(targets or default_targets()), "devices": ["local"], "package": {"version": "0.1.0"}}
     ctx = Context(parse_recipe(doc, "edge-pipeline init"), "edge-pipeline init", store=None)
     ctx.loaded_data = loaded  # loaded once, above
     ctx.preflight()  # what a run checks before any work: data, the model on an example batch, prune and distill

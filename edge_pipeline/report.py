@@ -163,10 +163,8 @@ def _coverage_table(targets: dict) -> str:
     rows = []
     for name, t in targets.items():
         d = t.get("describe") or {}
-        if d.get("backend") == "executorch":
-            cov = f"{d.get('delegated_subgraphs')} XNNPACK subgraph(s); portable: {d.get('portable_ops') or 'none'}"
-        else:
-            cov = ", ".join(f"{k}×{v}" for k, v in sorted((d.get("ops") or {}).items()))
+        # a backend's own one-line summary where it has one (ExecuTorch: delegated subgraphs), else its op counts
+        cov = d.get("coverage") or ", ".join(f"{k}×{v}" for k, v in sorted((d.get("ops") or {}).items()))
         status = "failed: " + "; ".join(t.get("failures", [])) if t.get("failures") else "ok"
         rows.append(f"<tr><td>{html.escape(name)}</td><td>{html.escape(str(t.get('size_bytes', '')))}</td>"
                     f"<td>{html.escape(cov)}</td><td>{html.escape(_fallback_text(t))}</td>"

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Any
 
 RUN_SCHEMA = 1
-TOOLCHAIN = ("torch", "torchao", "executorch", "onnx", "onnxruntime", "onnxscript", "litert-torch",
-             "ai-edge-litert", "torch-pruning", "numpy", "edge-pipeline")
+TOOLCHAIN = ("torch", "torchao", "torch-pruning", "numpy", "edge-pipeline")  # and every backend's packages
 
 
 def toolchain_versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
-    for name in TOOLCHAIN:
+    from edge_pipeline.backends import backends
+
+    for name in dict.fromkeys(TOOLCHAIN + tuple(p for b in backends().values() for p in b.BACKEND.packages)):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -34,13 +35,12 @@ def toolchain_versions() -> dict[str, str | None]:
 
 
 def source_fingerprint() -> str:
-    """sha256 over edge-pipeline's own code, its on-device runner and built-in target profiles: a changed
+    """sha256 over edge-pipeline's own code, its on-device harness and built-in target profiles: a changed
     pipeline re-runs its stages (a version string alone does not change between commits)."""
-    from edge_pipeline.devices.runner import RUNNER_PATH
     from edge_pipeline.targets import BUILTIN_DIR
 
     pkg = Path(__file__).resolve().parent
-    files = sorted(pkg.rglob("*.py")) + [RUNNER_PATH] + sorted(BUILTIN_DIR.glob("*.yaml"))
+    files = sorted(pkg.rglob("*.py")) + sorted(BUILTIN_DIR.glob("*.yaml"))
     h = hashlib.sha256()
     for f in files:
         if f.is_file():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.resources import shipped
@@ -60,7 +60,7 @@ class Budgets(_Strict):
 class Profile(_Strict):
     name: str
     description: str = ""
-    backend: Literal["executorch", "onnxruntime", "tflite"]
+    backend: str  # a registered backend (edge_pipeline.backends)
     precision: Literal["fp32", "int8"]
     quantization: QuantConfig = QuantConfig()
     io: Literal["float", "int8"] = "float"  # tflite int8 models: quantized or float inputs/outputs
@@ -69,6 +69,22 @@ class Profile(_Strict):
     platform: Literal["arm", "amd64", "amd64-vnni"] = "arm"
     threads: int = Field(1, ge=1)
     budgets: Budgets = Budgets()
+
+    @model_validator(mode="after")
+    def _backend_can(self):
+        """The backend exists and offers what the profile asks of it (precision, platform)."""
+        from edge_pipeline.backends import backends
+
+        known = backends()
+        if self.backend not in known:
+            raise ValueError(f"unknown backend '{self.backend}' (known: {', '.join(known)})")
+        spec = known[self.backend].BACKEND
+        if self.precision not in spec.precisions:
+            raise ValueError(f"backend {self.backend} builds {', '.join(spec.precisions)}, not {self.precision}")
+        if spec.platforms and self.platform not in spec.platforms:
+            raise ValueError(f"backend {self.backend} builds for platforms {', '.join(spec.platforms)}, "
+                             f"not {self.platform}")
+        return self
 
 
 def ort_platform(machine: str) -> str:

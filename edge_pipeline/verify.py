@@ -75,11 +75,10 @@ def verify_dir(bundle: Path) -> dict:
     if extra:
         raise PipelineError(f"file not in the manifest: {extra[0]}", where=str(bundle / extra[0]),
                             hint="a bundle holds exactly the files its manifest lists")
-    from edge_pipeline.devices.runner import load_runner
     from edge_pipeline.evaluation import output_agreement, run_artifact
+    from edge_pipeline.harness import runner
     from edge_pipeline.sources.data import ArraySplit
 
-    runner = load_runner()
     golden = ArraySplit(tuple(runner.load_inputs(str(bundle / "golden" / "inputs.npz"))), None)
     results = {}
     for name, t in manifest["targets"].items():

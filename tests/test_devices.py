@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from edge_support import evaluator_for
 
+from edge_pipeline.backends.executorch import parse_executor_runner
+from edge_pipeline.backends.onnxruntime import parse_onnxruntime_perf_test
+from edge_pipeline.backends.tflite import parse_benchmark_model
 from edge_pipeline.devices import parse_device
-from edge_pipeline.devices.adb import parse_benchmark_model, parse_executor_runner, parse_onnxruntime_perf_test
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.sources import build_model
 
@@ -142,14 +144,14 @@ def test_runner_pins_a_one_thread_run_to_one_core(lowered, tmp_path):
     import subprocess
     import sys
 
-    from edge_pipeline.devices.runner import RUNNER_PATH
+    from edge_pipeline.harness import RUNNER
 
     out, metrics, _ = lowered
     inputs = tmp_path / "x.npz"
     np.savez(inputs, x=np.zeros((2, 1, 8, 8), np.float32))
     artifact = out / metrics["targets"]["ort-mobile-fp32"]["artifact"]
     for flags, cores in ((["--pin"], 1), ([], len(os.sched_getaffinity(0)))):
-        subprocess.run([sys.executable, str(RUNNER_PATH), str(artifact), str(inputs), str(tmp_path / "r.json"),
+        subprocess.run([sys.executable, str(RUNNER), str(artifact), str(inputs), str(tmp_path / "r.json"),
                         "--runs", "3", "--warmup", "0", *flags], check=True, capture_output=True)
         assert len(json.loads((tmp_path / "r.json").read_text())["conditions"]["cpu_affinity"]) == cores
 

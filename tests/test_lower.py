@@ -114,10 +114,10 @@ def test_runner_measures_latency_and_outputs(digits, tmp_path):
     model = build_model("zoo:digits-cnn", 10, 1, width=0.25).eval()
     result = lower_all(model, [load_profile("ort-mobile-fp32")], evaluator_for(model, digits), digits.train.x[:8],
                        tmp_path)
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
     path = tmp_path / result["targets"]["ort-mobile-fp32"]["artifact"]
-    stats, (outputs,) = load_runner().measure(str(path), [digits.test.x[:10]], threads=1, runs=10, warmup=2)
+    stats, (outputs,) = harness.measure(str(path), [digits.test.x[:10]], threads=1, runs=10, warmup=2)
     assert outputs.shape == (10, 10)
     lat = stats["latency"]
     assert lat["runs"] == 10 and lat["p50_ms"] > 0 and lat["p50_ms"] <= lat["p99_ms"]

@@ -158,8 +158,8 @@ def test_a_wheel_install_finds_its_targets_and_runner_from_any_folder(tmp_path):
     elsewhere.mkdir()
     env = {**os.environ, "PYTHONPATH": str(site)}
     probe = ("import edge_pipeline, json; from edge_pipeline.targets import BUILTIN_DIR, load_profile; "
-             "from edge_pipeline.devices.runner import RUNNER_PATH, load_runner; load_runner(); "
-             "print(json.dumps([edge_pipeline.__file__, str(BUILTIN_DIR), str(RUNNER_PATH), "
+             "from edge_pipeline.harness import RUNNER, runner; runner.runtimes(); "
+             "print(json.dumps([edge_pipeline.__file__, str(BUILTIN_DIR), str(RUNNER), "
              "load_profile('tflite-int8').backend]))")
     res = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]

@@ -1,17 +1,105 @@
-"""One module per runtime, the same small interface, found through one registry.
+"""The backend contract and its registry: one module per runtime in this package, found by scanning it.
 
-``export(model, example, calibration, profile, out_dir, float_layers=()) -> Path`` writes the deployable
-file(s) and a ``describe`` JSON beside them; ``describe(path) -> dict`` returns what an integrator needs
-(I/O, int8 scale/zero-point, operator coverage); ``SUFFIX`` is the artifact's file type.
+A module is a backend when it declares ``BACKEND = Backend(...)`` (what it is and what it can do) and provides:
+
+- ``export(model, example, calibration, profile, out_dir, iface, float_layers=(), default_flow=False,
+  fixtures=True, qat=None) -> Path``: writes the artifact (its ``sidecars`` beside it) and ``describe.json``;
+  with ``fixtures`` also the device tool's golden-I/O files.
+- ``describe(path) -> dict``: what an integrator needs (I/O, int8 scale/zero point, operators).
+- ``qat_quantizer(profile)`` where ``qat``; ``layer_errors(model, example, calibration, rows, profile, iface)
+  -> {layer: dB}`` where ``layer_errors``.
+
+The device side is ``edge_pipeline/harness/runtime_<name>.py`` (numpy and the runtime only), found by the
+runner through the artifact's suffix. Everything else (targets, lower, qat, bench, doctor, the cache key, the
+adb device) asks this registry; a target whose backend lacks a capability is refused with its name.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from types import ModuleType
 
-BACKEND_MODULES = {"executorch": "executorch", "onnxruntime": "onnxruntime", "tflite": "tflite"}
+
+@dataclass(frozen=True)
+class DeviceTool:
+    """A runtime's own benchmark binary, run on a phone over adb instead of the Python runner."""
+    name: str  # the binary's name, and the adb device option that gives its path (``?NAME=PATH``)
+    files: Callable[[Path], list[Path]]  # what to push from the lowered target's folder
+    argv: Callable[[str, Path, int, int, int], list[str]]  # (tool path, target folder, threads, runs, warmup)
+    parse: Callable[[str], dict]  # its printed output -> the runner's result schema
+    writes_outputs: bool = False  # output-<i>.bin files to pull and compare (ExecuTorch's executor_runner)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # a profile's ``backend:``
+    description: str
+    suffix: str  # the artifact's file type
+    packages: tuple[str, ...]  # the distributions it needs on this machine (doctor, the stage cache key)
+    targets: tuple[str, str]  # its built-in int8 and fp32 profiles (init's default targets, bench)
+    sidecars: tuple[str, ...] = ()  # suffixes of files beside the artifact that are part of it
+    precisions: tuple[str, ...] = ("fp32", "int8")
+    float_layers: bool = True  # keeps named layers in float in an int8 build (the accuracy fallback)
+    qat: bool = False  # trains int8 with its own fake quantizers (``qat_quantizer``)
+    layer_errors: bool = False  # per-layer int8 error from the runtime's debugger (``layer_errors``)
+    calibration_methods: tuple[str, ...] = ("minmax",)
+    platforms: tuple[str, ...] = ()  # the profile ``platform`` values it builds for ((): not platform-specific)
+    device_tool: DeviceTool | None = None
+    notes: dict[str, str] = field(default_factory=dict)  # capability -> why it is missing, for refusals
+
+    def refusal(self, capability: str) -> str:
+        why = self.notes.get(capability)
+        return f"backend {self.name} has no {capability}" + (f": {why}" if why else "")
+
+
+_EXTRA: dict[str, ModuleType] = {}  # registered at run time (a plugin, a test)
+
+
+@cache
+def _scanned() -> dict[str, ModuleType]:
+    found = {}
+    for info in pkgutil.iter_modules(__path__):
+        mod = importlib.import_module(f"{__name__}.{info.name}")
+        spec = getattr(mod, "BACKEND", None)
+        if isinstance(spec, Backend):
+            found[spec.name] = mod
+    return found
+
+
+def backends() -> dict[str, ModuleType]:
+    """{name: module}, sorted by name."""
+    return dict(sorted({**_scanned(), **_EXTRA}.items()))
+
+
+def register(module: ModuleType) -> None:
+    """Add a backend module from outside this package (it declares ``BACKEND`` like the built-in ones)."""
+    _EXTRA[module.BACKEND.name] = module
+
+
+def unregister(name: str) -> None:
+    _EXTRA.pop(name, None)
 
 
 def get_backend(name: str) -> ModuleType:
-    return importlib.import_module(f"edge_pipeline.backends.{BACKEND_MODULES[name]}")
+    try:
+        return backends()[name]
+    except KeyError:
+        from edge_pipeline.errors import PipelineError
+
+        raise PipelineError(f"unknown backend '{name}'", hint=f"known: {', '.join(backends())}") from None
+
+
+def spec(name: str) -> Backend:
+    return get_backend(name).BACKEND
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """The artifact and the files beside it that belong to it (what a device needs to load it)."""
+    path = Path(path)
+    owner = next((m.BACKEND for m in backends().values() if m.BACKEND.suffix == path.suffix), None)
+    return [path, *(path.with_suffix(s) for s in (owner.sidecars if owner else ()))]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -10,12 +11,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_pipeline.backends import pt2e
+from edge_pipeline.backends import Backend, DeviceTool, pt2e
+from edge_pipeline.devices.tool_output import NUM, latency
 from edge_pipeline.interface import ModelInterface
 from edge_pipeline.targets import Profile
 
 SUFFIX = ".pte"
-RUNTIME = "executorch.runtime"
 
 
 def _quantizer(profile: Profile, float_layers, default: bool = False):
@@ -77,7 +78,8 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     path = out_dir / f"model{SUFFIX}"
     path.write_bytes(prog.buffer)
     info = {"backend": "executorch", "delegate": "XnnpackBackend", "delegated_subgraphs": delegated,
-            "portable_ops": portable, "float_layers": list(float_layers), **iface.to_dict(), "quantized_io": None}
+            "portable_ops": portable, "coverage": f"{delegated} XNNPACK subgraph(s); portable: {portable or 'none'}",
+            "float_layers": list(float_layers), **iface.to_dict(), "quantized_io": None}
     (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
     if fixtures:
         write_fixtures(path, example, iface)
@@ -122,9 +124,9 @@ def write_fixtures(path: Path, example: tuple[torch.Tensor, ...], iface: ModelIn
     from executorch.devtools.bundled_program.config import MethodTestCase, MethodTestSuite
     from executorch.devtools.bundled_program.serialize import serialize_from_bundled_program_to_flatbuffer
 
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
-    expected = load_runner().Model(str(path), 1).run([t.numpy() for t in example])
+    expected = harness.Model(str(path), 1).run([t.numpy() for t in example])
     case = MethodTestCase(inputs=list(example), expected_outputs=[torch.from_numpy(np.asarray(y)) for y in expected])
     bundled = BundledProgram(None, [MethodTestSuite(method_name="forward", test_cases=[case])],
                              pte_file_path=str(path))
@@ -133,3 +135,46 @@ def write_fixtures(path: Path, example: tuple[torch.Tensor, ...], iface: ModelIn
 
 def describe(path: Path) -> dict:
     return json.loads((Path(path).parent / "describe.json").read_text())
+
+
+def parse_executor_runner(text: str) -> dict:
+    """ExecuTorch ``executor_runner``: load time, each execution's time ("Iteration i of N: t ms"; older builds
+    print only the total), the memory-planned buffers, and the bundled-IO verdict with its error stats."""
+    m = re.search(r"Model executed successfully (\d+) time\(s\) in " + NUM + " ms", text)
+    if not m:
+        raise ValueError("no 'Model executed successfully' line in executor_runner output")
+    n, total = int(m.group(1)), float(m.group(2))
+    times = [float(t) for t in re.findall(r"Iteration \d+ of \d+: " + NUM + " ms", text)]
+    out: dict = {"latency": latency(times) if times else latency(mean_ms=total / n, runs=n)}
+    if load := re.search(r"Model loaded in " + NUM + " ms", text):
+        out["init_ms"] = float(load.group(1))
+    planned = [int(b) for b in re.findall(r"Setting up (?:CPU )?planned buffer \d+, size (\d+)", text)]
+    out["memory"] = ({"planned_bytes": sum(planned), "model_bytes": None,
+                      "source": "executor_runner: memory-planned buffers (activations) from its log"}
+                     if planned else {"model_bytes": None, "source": "executor_runner printed no memory figure"})
+    if "Test_result: PASS" in text:
+        out["bundled_io"] = {"ok": True}
+    elif "Test_result: FAIL" in text or "Bundle verification failed" in text:
+        out["bundled_io"] = {"ok": False}
+    if "bundled_io" in out:
+        for key in ("max_absolute_error", "mean_absolute_error", "max_relative_error"):
+            if e := re.search(key + r":\s*" + NUM, text):
+                out["bundled_io"][key] = float(e.group(1))
+    return out
+
+
+def _tool_argv(tool: str, target_dir: Path, threads: int, runs: int, warmup: int) -> list[str]:
+    return [tool, "--model_path=model.bpte", f"--num_executions={runs}", f"--cpu_threads={threads}",
+            "--output_file=output", "--print_output=none"]
+
+
+# executor_runner built with bundled IO: it checks the device's outputs against those recorded at lowering and
+# writes them (--output_file) for the host to compare with its own run.
+DEVICE_TOOL = DeviceTool("executor_runner", lambda d: [d / "model.bpte"], _tool_argv, parse_executor_runner,
+                         writes_outputs=True)
+
+
+BACKEND = Backend(
+    "executorch", "ExecuTorch with the XNNPACK delegate (.pte)", ".pte", packages=("torch", "executorch"),
+    targets=("executorch-xnnpack-int8", "executorch-xnnpack-fp32"),
+    qat=True, layer_errors=True, calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL)

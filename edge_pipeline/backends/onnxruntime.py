@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,12 +11,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from edge_pipeline.backends import Backend, DeviceTool
+from edge_pipeline.devices.tool_output import NUM, latency
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.interface import ModelInterface, flat_name
 from edge_pipeline.targets import Profile, converter_platform
 
 SUFFIX = ".ort"
-RUNTIME = "onnxruntime"
 ORT_METHODS = {"minmax": "MinMax", "moving_average": "MinMax", "percentile": "Percentile", "entropy": "Entropy"}
 
 
@@ -436,3 +438,44 @@ def _describe(onnx_path: Path, out_dir: Path, float_layers, reduce_range: bool) 
 
 def describe(path: Path) -> dict:
     return json.loads((Path(path).parent / "describe.json").read_text())
+
+
+def parse_onnxruntime_perf_test(text: str) -> dict:
+    """``onnxruntime_perf_test -m times``: session creation (s), mean (ms), min/max/percentiles (s), peak
+    working set (bytes)."""
+    avg = re.search(r"Average inference time cost:\s*" + NUM + r"\s*ms", text)
+    if not avg:
+        raise ValueError("no 'Average inference time cost' line in onnxruntime_perf_test output")
+    given: dict = {"mean_ms": float(avg.group(1))}
+    if m := re.search(r"Total inference requests:\s*(\d+)", text):
+        given["runs"] = int(m.group(1))
+    for key, label in (("min_ms", "Min"), ("max_ms", "Max"), ("p50_ms", "P50"), ("p90_ms", "P90"),
+                       ("p99_ms", "P99")):
+        if m := re.search(label + r" Latency(?: is|:)\s*" + NUM + r"\s*(?:sec|s)\b", text):
+            given[key] = float(m.group(1)) * 1e3
+    if "p50_ms" in given:
+        given["p50_basis"] = "P50 the tool printed"
+    out: dict = {"latency": latency(**given)}
+    if m := re.search(r"Session creation time cost:\s*" + NUM + r"\s*s", text):
+        out["init_ms"] = float(m.group(1)) * 1e3
+    m = re.search(r"Peak working set size:\s*(\d+)\s*bytes", text)
+    out["memory"] = ({"model_bytes": int(m.group(1)),
+                      "source": "onnxruntime_perf_test: peak working set of the tool's process"}
+                     if m else {"model_bytes": None, "source": "onnxruntime_perf_test printed no memory figure"})
+    return out
+
+
+def _tool_argv(tool: str, target_dir: Path, threads: int, runs: int, warmup: int) -> list[str]:
+    return [tool, "-m", "times", "-r", str(runs), "-x", str(threads), "-e", "cpu", "model.ort"]
+
+
+# onnxruntime_perf_test reads the golden inputs from test_data_set_0/ beside the model.
+DEVICE_TOOL = DeviceTool("onnxruntime_perf_test", lambda d: [d / "model.ort", d / "test_data_set_0"], _tool_argv,
+                         parse_onnxruntime_perf_test)
+
+
+BACKEND = Backend(
+    "onnxruntime", "ONNX Runtime, ORT format for its mobile build (.ort)", ".ort",
+    packages=("torch", "onnx", "onnxscript", "onnxruntime"), targets=("ort-mobile-int8", "ort-mobile-fp32"),
+    qat=True, layer_errors=True,
+    calibration_methods=tuple(ORT_METHODS), platforms=("arm", "amd64", "amd64-vnni"), device_tool=DEVICE_TOOL)

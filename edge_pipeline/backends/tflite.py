@@ -3,23 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from edge_pipeline.backends import pt2e
-from edge_pipeline.devices.runner import load_runner
+from edge_pipeline.backends import Backend, DeviceTool, pt2e
+from edge_pipeline.devices.tool_output import latency
 from edge_pipeline.errors import PipelineError
+from edge_pipeline.harness.runtime_tflite import tflite_io
 from edge_pipeline.interface import ModelInterface
 from edge_pipeline.targets import Profile
 
 SUFFIX = ".tflite"
-RUNTIME = "ai_edge_litert"
-# Checked with litert-torch 0.10.0: layers left out of the PT2E annotation still came out int8-broken (an
-# MLP with both layers kept float scored as the all-int8 model), so no per-layer float fallback here.
-MIXED_PRECISION = False
 
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
@@ -114,7 +112,7 @@ def _describe(path: Path, iface: ModelInterface, float_layers) -> dict:
     ops: dict[str, int] = {}
     for op in it._get_ops_details():
         ops[op["op_name"]] = ops.get(op["op_name"], 0) + 1
-    ins, outs = load_runner().tflite_io(it)
+    ins, outs = tflite_io(it)
     inputs, outputs = io(ins, iface.inputs), io(outs, iface.outputs)
     return {"backend": "tflite", "ops": ops, "inputs": inputs, "outputs": outputs, "float_layers": list(float_layers),
             "quantized_io": {"inputs": {d["name"]: d["quantization"] for d in inputs},
@@ -123,3 +121,54 @@ def _describe(path: Path, iface: ModelInterface, float_layers) -> dict:
 
 def describe(path: Path) -> dict:
     return json.loads((Path(path).parent / "describe.json").read_text())
+
+
+def parse_benchmark_model(text: str) -> dict:
+    """LiteRT ``benchmark_model``: init, first inference, the timed runs' count/min/max/avg/std (us), and the
+    memory footprint delta from the tool's start (MB)."""
+    m = re.search(r"Inference timings in us: Init: ([\d.]+), First inference: ([\d.]+), "
+                  r"Warmup \(avg\): ([\d.]+), Inference \(avg\): ([\d.]+)", text)
+    if not m:
+        raise ValueError("no 'Inference timings in us' line in benchmark_model output")
+    init, first, _warm, avg = (float(g) for g in m.groups())
+    given = {"mean_ms": avg / 1e3}
+    runs = re.findall(r"count=(\d+) first=\d+ curr=\d+ min=(\d+) max=(\d+) avg=([\d.]+) std=(\d+)"
+                      r"(?: p5=\d+ median=(\d+) p95=\d+)?", text)
+    if runs:  # the last block is the timed runs (the first is the warm-up)
+        count, mn, mx, _avg, std, median = runs[-1]
+        given.update(runs=int(count), min_ms=int(mn) / 1e3, max_ms=int(mx) / 1e3, std_ms=int(std) / 1e3)
+        if median:
+            given.update(p50_ms=int(median) / 1e3, p50_basis="median the tool printed")
+    out = {"init_ms": init / 1e3, "first_inference_ms": first / 1e3, "latency": latency(**given)}
+    mem = re.search(r"(?:Peak memory footprint|Memory footprint delta from the start of the tool) \(MB\): "
+                    r"init=([\d.]+) overall=([\d.]+)", text)
+    out["memory"] = ({"model_bytes": int(float(mem.group(2)) * 2 ** 20),
+                      "source": "benchmark_model: memory footprint delta from the tool's start (overall)"}
+                     if mem else {"model_bytes": None, "source": "benchmark_model printed no memory figure"})
+    return out
+
+
+def _tool_inputs(target_dir: Path) -> tuple[list[str], list[Path]]:
+    specs = describe(target_dir / "model.tflite")["inputs"]
+    return [s.get("tensor", s["name"]) for s in specs], [target_dir / f"input_{i}.raw" for i in range(len(specs))]
+
+
+def _tool_argv(tool: str, target_dir: Path, threads: int, runs: int, warmup: int) -> list[str]:
+    names, raws = _tool_inputs(target_dir)  # the file's own input tensor names
+    files = ",".join(f"{n.replace(':', '::')}:{r.name}" for n, r in zip(names, raws, strict=True))
+    return [tool, "--graph=model.tflite", f"--num_threads={threads}", f"--num_runs={runs}",
+            f"--warmup_runs={warmup}", "--input_layer=" + ",".join(names), "--input_layer_value_files=" + files]
+
+
+DEVICE_TOOL = DeviceTool("benchmark_model", lambda d: [d / "model.tflite", *_tool_inputs(d)[1]], _tool_argv,
+                         parse_benchmark_model)
+
+
+BACKEND = Backend(
+    "tflite", "LiteRT (TFLite) through litert-torch (.tflite)", ".tflite",
+    packages=("torch", "litert-torch", "ai-edge-litert"), targets=("tflite-int8", "tflite-fp32"),
+    float_layers=False, qat=True,
+    calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL,
+    # Checked with litert-torch 0.10.0: layers left out of the PT2E annotation still came out int8-broken (an
+    # MLP with both layers kept float scored as the all-int8 model).
+    notes={"float_layers": "litert-torch int8-converts layers left out of the annotation all the same"})

@@ -5,7 +5,8 @@ A stock phone has no Python, so nothing of the pipeline runs there: the binaries
 phone's ABI, named in the device spec by their path on this machine (pushed once per device) or on the phone:
 ``adb://SERIAL?executor_runner=PATH&onnxruntime_perf_test=PATH&benchmark_model=PATH``.
 
-What each tool gives (parsed into the runner's result schema):
+Each backend names its tool, what to push and how to read its output (``BACKEND.device_tool``). What the built-in
+ones give (parsed into the runner's result schema):
 - ``executor_runner`` (ExecuTorch, built with bundled IO): load time, each execution's time, the memory-planned
   buffers, and the bundled program's own check of the outputs against those recorded at lowering; with
   ``--output_file`` it writes the outputs, pulled back and compared here with the host runtime's.
@@ -20,7 +21,6 @@ full evaluation (the result says so).
 
 from __future__ import annotations
 
-import re
 import shlex
 import statistics
 import tempfile
@@ -28,108 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_pipeline.backends import DeviceTool, spec
 from edge_pipeline.devices import DeviceError, DeviceSpec, run_tool
 
 REMOTE_ROOT = "/data/local/tmp/edge-pipeline"
 ROUNDS = 5  # invocations of a tool that prints only a mean, for a p50 of means
-NUM = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
-
-
-def _latency(times_ms: list[float] | None = None, **given) -> dict:
-    """The runner's latency schema (its own ``latency_stats`` and instability threshold) from per-run times
-    where a tool prints them, else from the tool's summary."""
-    from edge_pipeline.devices.runner import load_runner
-
-    runner = load_runner()
-    lat = dict(given)
-    if times_ms:
-        lat.update(runner.latency_stats(times_ms), max_ms=float(max(times_ms)),
-                   p50_basis="per-run times the tool printed")
-    elif lat.get("std_ms") is not None and lat.get("mean_ms"):
-        lat["cv"] = lat["std_ms"] / lat["mean_ms"]
-        lat["unstable"] = lat["cv"] > runner.UNSTABLE_CV
-    return lat
-
-
-def parse_benchmark_model(text: str) -> dict:
-    """LiteRT ``benchmark_model``: init, first inference, the timed runs' count/min/max/avg/std (us), and the
-    memory footprint delta from the tool's start (MB)."""
-    m = re.search(r"Inference timings in us: Init: ([\d.]+), First inference: ([\d.]+), "
-                  r"Warmup \(avg\): ([\d.]+), Inference \(avg\): ([\d.]+)", text)
-    if not m:
-        raise ValueError("no 'Inference timings in us' line in benchmark_model output")
-    init, first, _warm, avg = (float(g) for g in m.groups())
-    given = {"mean_ms": avg / 1e3}
-    runs = re.findall(r"count=(\d+) first=\d+ curr=\d+ min=(\d+) max=(\d+) avg=([\d.]+) std=(\d+)"
-                      r"(?: p5=\d+ median=(\d+) p95=\d+)?", text)
-    if runs:  # the last block is the timed runs (the first is the warm-up)
-        count, mn, mx, _avg, std, median = runs[-1]
-        given.update(runs=int(count), min_ms=int(mn) / 1e3, max_ms=int(mx) / 1e3, std_ms=int(std) / 1e3)
-        if median:
-            given.update(p50_ms=int(median) / 1e3, p50_basis="median the tool printed")
-    out = {"init_ms": init / 1e3, "first_inference_ms": first / 1e3, "latency": _latency(**given)}
-    mem = re.search(r"(?:Peak memory footprint|Memory footprint delta from the start of the tool) \(MB\): "
-                    r"init=([\d.]+) overall=([\d.]+)", text)
-    out["memory"] = ({"model_bytes": int(float(mem.group(2)) * 2 ** 20),
-                      "source": "benchmark_model: memory footprint delta from the tool's start (overall)"}
-                     if mem else {"model_bytes": None, "source": "benchmark_model printed no memory figure"})
-    return out
-
-
-def parse_onnxruntime_perf_test(text: str) -> dict:
-    """``onnxruntime_perf_test -m times``: session creation (s), mean (ms), min/max/percentiles (s), peak
-    working set (bytes)."""
-    avg = re.search(r"Average inference time cost:\s*" + NUM + r"\s*ms", text)
-    if not avg:
-        raise ValueError("no 'Average inference time cost' line in onnxruntime_perf_test output")
-    given: dict = {"mean_ms": float(avg.group(1))}
-    if m := re.search(r"Total inference requests:\s*(\d+)", text):
-        given["runs"] = int(m.group(1))
-    for key, label in (("min_ms", "Min"), ("max_ms", "Max"), ("p50_ms", "P50"), ("p90_ms", "P90"),
-                       ("p99_ms", "P99")):
-        if m := re.search(label + r" Latency(?: is|:)\s*" + NUM + r"\s*(?:sec|s)\b", text):
-            given[key] = float(m.group(1)) * 1e3
-    if "p50_ms" in given:
-        given["p50_basis"] = "P50 the tool printed"
-    out: dict = {"latency": _latency(**given)}
-    if m := re.search(r"Session creation time cost:\s*" + NUM + r"\s*s", text):
-        out["init_ms"] = float(m.group(1)) * 1e3
-    m = re.search(r"Peak working set size:\s*(\d+)\s*bytes", text)
-    out["memory"] = ({"model_bytes": int(m.group(1)),
-                      "source": "onnxruntime_perf_test: peak working set of the tool's process"}
-                     if m else {"model_bytes": None, "source": "onnxruntime_perf_test printed no memory figure"})
-    return out
-
-
-def parse_executor_runner(text: str) -> dict:
-    """ExecuTorch ``executor_runner``: load time, each execution's time ("Iteration i of N: t ms"; older builds
-    print only the total), the memory-planned buffers, and the bundled-IO verdict with its error stats."""
-    m = re.search(r"Model executed successfully (\d+) time\(s\) in " + NUM + " ms", text)
-    if not m:
-        raise ValueError("no 'Model executed successfully' line in executor_runner output")
-    n, total = int(m.group(1)), float(m.group(2))
-    times = [float(t) for t in re.findall(r"Iteration \d+ of \d+: " + NUM + " ms", text)]
-    out: dict = {"latency": _latency(times) if times else _latency(mean_ms=total / n, runs=n)}
-    if load := re.search(r"Model loaded in " + NUM + " ms", text):
-        out["init_ms"] = float(load.group(1))
-    planned = [int(b) for b in re.findall(r"Setting up (?:CPU )?planned buffer \d+, size (\d+)", text)]
-    out["memory"] = ({"planned_bytes": sum(planned), "model_bytes": None,
-                      "source": "executor_runner: memory-planned buffers (activations) from its log"}
-                     if planned else {"model_bytes": None, "source": "executor_runner printed no memory figure"})
-    if "Test_result: PASS" in text:
-        out["bundled_io"] = {"ok": True}
-    elif "Test_result: FAIL" in text or "Bundle verification failed" in text:
-        out["bundled_io"] = {"ok": False}
-    if "bundled_io" in out:
-        for key in ("max_absolute_error", "mean_absolute_error", "max_relative_error"):
-            if e := re.search(key + r":\s*" + NUM, text):
-                out["bundled_io"][key] = float(e.group(1))
-    return out
-
-
-PARSERS = {"tflite": parse_benchmark_model, "onnxruntime": parse_onnxruntime_perf_test,
-           "executorch": parse_executor_runner}
-TOOLS = {"tflite": "benchmark_model", "onnxruntime": "onnxruntime_perf_test", "executorch": "executor_runner"}
 
 
 def median_of_rounds(rounds: list[dict]) -> dict:
@@ -140,6 +43,8 @@ def median_of_rounds(rounds: list[dict]) -> dict:
                       "runs": sum(r["latency"].get("runs", 0) for r in rounds), "round_means_ms": means,
                       "p50_basis": f"median of {len(rounds)} invocations' means (the tool prints no percentiles)"}
     return out
+
+
 
 
 class ADBDevice:
@@ -183,22 +88,25 @@ class ADBDevice:
         if code != 0:
             raise DeviceError(self.spec.spec, "pull", err)
 
-    def tool(self, backend: str) -> str:
-        """The benchmark binary for this backend on the phone: pushed from this machine the first time it is
-        needed (a path that is not a file here is taken as a path on the phone)."""
-        name = TOOLS[backend]
-        if name in self.tools:
-            return self.tools[name]
-        given = self.spec.options.get(name)
+    def tool(self, backend: str) -> DeviceTool:
+        """The backend's benchmark binary on the phone: pushed from this machine the first time it is needed (a
+        path that is not a file here is taken as a path on the phone)."""
+        tool = spec(backend).device_tool
+        if tool is None:
+            raise DeviceError(self.spec.spec, f"benchmark {backend}", f"backend {backend} has no benchmark tool "
+                              "for phones", hint="measure this target on a local or ssh device")
+        if tool.name in self.tools:
+            return tool
+        given = self.spec.options.get(tool.name)
         if not given:
-            raise DeviceError(self.spec.spec, f"benchmark {backend}", f"no {name} binary given",
-                              hint=f"add ?{name}=PATH (built for the phone's ABI) to the device spec")
+            raise DeviceError(self.spec.spec, f"benchmark {backend}", f"no {tool.name} binary given",
+                              hint=f"add ?{tool.name}=PATH (built for the phone's ABI) to the device spec")
         if Path(given).is_file():
             self.push([Path(given)])
             given = self.path(Path(given).name)
             self._shell(["chmod", "755", given], "chmod")
-        self.tools[name] = given
-        return given
+        self.tools[tool.name] = given
+        return tool
 
     def benchmark(self, backend: str, target_dir: Path, threads: int, runs: int, warmup: int) -> tuple[dict, list]:
         """The runtime's own benchmark binary on the artifact and its golden input; its output parsed into the
@@ -206,43 +114,26 @@ class ADBDevice:
         tool = self.tool(backend)
         folder = f"{REMOTE_ROOT}/{target_dir.name}"
         self._shell(["mkdir", "-p", folder], "mkdir")
-        outputs: list = []
-        if backend == "executorch":
-            self.push([target_dir / "model.bpte"], folder)
-            argv = [tool, "--model_path=model.bpte", f"--num_executions={runs}", f"--cpu_threads={threads}",
-                    "--output_file=output", "--print_output=none"]
-        elif backend == "onnxruntime":
-            self.push([target_dir / "model.ort", target_dir / "test_data_set_0"], folder)
-            argv = [tool, "-m", "times", "-r", str(runs), "-x", str(threads), "-e", "cpu", "model.ort"]
-        else:
-            from edge_pipeline.backends.tflite import describe
-
-            specs = describe(target_dir / "model.tflite")["inputs"]
-            raws = [target_dir / f"input_{i}.raw" for i in range(len(specs))]
-            self.push([target_dir / "model.tflite", *raws], folder)
-            names = [s.get("tensor", s["name"]) for s in specs]  # the file's own input tensor names
-            files = ",".join(f"{n.replace(':', '::')}:{r.name}" for n, r in zip(names, raws, strict=True))
-            argv = [tool, "--graph=model.tflite", f"--num_threads={threads}", f"--num_runs={runs}",
-                    f"--warmup_runs={warmup}", "--input_layer=" + ",".join(names), "--input_layer_value_files=" + files]
-        results = [self._invoke(backend, folder, argv)]
+        self.push(tool.files(target_dir), folder)
+        argv = tool.argv(self.tools[tool.name], target_dir, threads, runs, warmup)
+        results = [self._invoke(tool, folder, argv)]
         if results[0]["latency"].get("p50_ms") is None:  # a mean only: more invocations, for a median of means
-            results += [self._invoke(backend, folder, argv) for _ in range(ROUNDS - 1)]
+            results += [self._invoke(tool, folder, argv) for _ in range(ROUNDS - 1)]
         result = results[0] if len(results) == 1 else median_of_rounds(results)
-        if backend == "executorch":
-            outputs = self._pull_outputs(folder, target_dir)
-        result.update(artifact=target_dir.name, runtime=TOOLS[backend], runtime_version=None, tool=tool,
+        outputs = self._pull_outputs(folder, target_dir) if tool.writes_outputs else []
+        result.update(artifact=target_dir.name, runtime=tool.name, runtime_version=None, tool=argv[0],
                       command=" ".join(argv))
         return result, outputs
 
-    def _invoke(self, backend: str, folder: str, argv: list[str]) -> dict:
-        code, out, err = self.run(argv, f"benchmark {backend}", cwd=folder)
+    def _invoke(self, tool: DeviceTool, folder: str, argv: list[str]) -> dict:
+        code, out, err = self.run(argv, f"run {tool.name}", cwd=folder)
         text = out + "\n" + err
         if code != 0 and "Test_result: FAIL" not in text:  # a failed bundled check is a result, not an error
-            raise DeviceError(self.spec.spec, f"benchmark {backend}", text[-800:])
+            raise DeviceError(self.spec.spec, f"run {tool.name}", text[-800:])
         try:
-            return PARSERS[backend](text)
+            return tool.parse(text)
         except ValueError as e:
-            raise DeviceError(self.spec.spec, f"parse {TOOLS[backend]} output", f"{e}: {text[-400:]}") from None
+            raise DeviceError(self.spec.spec, f"parse {tool.name} output", f"{e}: {text[-400:]}") from None
 
     def _pull_outputs(self, folder: str, target_dir: Path) -> list[np.ndarray]:
         """executor_runner's --output_file tensors (raw bytes, one file per output), in the .pte's own dtypes

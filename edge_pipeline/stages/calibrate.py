@@ -56,10 +56,10 @@ def write_set(base: Path, x: tuple[np.ndarray, ...], y: np.ndarray | None, prov:
     base.parent.mkdir(parents=True, exist_ok=True)
     npz = base.with_suffix(".npz")
     tmp = base.with_name(base.name + ".tmp.npz")
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
     arrays = {f"input_{i}": a for i, a in enumerate(x)} | ({} if y is None else {"y": y})
-    load_runner().save_npz(tmp, arrays)  # byte-identical for the same draw
+    harness.save_npz(tmp, arrays)  # byte-identical for the same draw
     tmp.replace(npz)
     prov = {**prov, "sha256": sha256_file(npz)}
     base.with_suffix(".json").write_text(json.dumps(prov, indent=1) + "\n")
@@ -81,7 +81,7 @@ def _split_hashes(split) -> set[str]:
 def load_set(base: Path, data: Splits) -> tuple[tuple[np.ndarray, ...], dict]:
     """A pinned set, checked: checksum, provenance, data, shapes, dtypes, non-empty, not from the evaluation
     splits."""
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
     npz, meta = base.with_suffix(".npz"), base.with_suffix(".json")
     where = str(npz)
@@ -99,7 +99,7 @@ def load_set(base: Path, data: Splits) -> tuple[tuple[np.ndarray, ...], dict]:
     if recorded is not None and recorded != data.fingerprint():
         raise PipelineError("representative set was drawn from other data than the recipe's", where=str(meta),
                             hint="delete the set's .npz and .json to draw a new one from this data")
-    x = tuple(load_runner().load_inputs(str(npz)))
+    x = tuple(harness.load_inputs(str(npz)))
     if not x:
         raise PipelineError("representative set has no array 'x' or 'input_0'", where=where)
     example = data.example

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_pipeline import progress
+from edge_pipeline import harness, progress
+from edge_pipeline.backends import artifact_files
 from edge_pipeline.devices import open_device, parse_device
-from edge_pipeline.devices.runner import RUNNER_PATH, load_runner
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator
+from edge_pipeline.harness import runner
 from edge_pipeline.targets import Profile, load_profile, platform_notes
 
 
@@ -27,9 +28,11 @@ def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, ru
                       warmup: int, pin: bool = False, harness_pushed: bool = False) -> tuple[dict, list[np.ndarray]]:
     """The standalone runner on the device: the artifact (and, unless ``harness_pushed``, the runner and the
     inputs, which a device needs only once for all its targets) go over, the timings and outputs come back."""
-    device.push([artifact] if harness_pushed else [RUNNER_PATH, artifact, inputs_npz])
-    argv = [device.python, RUNNER_PATH.name, artifact.name, inputs_npz.name, "result.json", "--threads", str(threads),
-            "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz"] + (["--pin"] if pin else [])
+    files = artifact_files(artifact)
+    device.push(files if harness_pushed else [*harness.files(), *files, inputs_npz])
+    argv = [device.python, harness.RUNNER.name, artifact.name, inputs_npz.name, "result.json",
+            "--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz",
+            *(["--pin"] if pin else [])]
     code, out, err = device.run(argv, f"run {artifact.name}")
     if code != 0:
         raise PipelineError(f"runner exited with {code} on {artifact.name}: {(err or out).strip()[-600:]}",
@@ -39,7 +42,7 @@ def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, ru
         device.pull("result.json", Path(tmp) / "result.json")
         device.pull("outputs.npz", Path(tmp) / "outputs.npz")
         result = json.loads((Path(tmp) / "result.json").read_text())
-        outputs = load_runner().load_outputs(str(Path(tmp) / "outputs.npz"))
+        outputs = runner.load_outputs(str(Path(tmp) / "outputs.npz"))
     return result, outputs
 
 
@@ -51,7 +54,7 @@ def measure_with_tool(device, profile: Profile, artifact: Path, ev: Evaluator, t
     from edge_pipeline.sources.data import ArraySplit
 
     m, outputs = device.benchmark(profile.backend, artifact.parent, threads, runs, warmup)
-    m["size_bytes"] = artifact.stat().st_size
+    m["size_bytes"] = sum(f.stat().st_size for f in artifact_files(artifact))
     m["accuracy"] = ("golden input only: the runtime's own tool runs one input, not the evaluation split "
                      "(the split's accuracy is the lower stage's, on this machine's runtime)")
     if outputs:
@@ -62,7 +65,7 @@ def measure_with_tool(device, profile: Profile, artifact: Path, ev: Evaluator, t
 
 def write_inputs(path: Path, split) -> None:
     """The split's inputs as the runner reads them (``input_0``, ``input_1``, ...)."""
-    load_runner().save_inputs(path, split.rows(np.arange(len(split))))
+    runner.save_inputs(path, split.rows(np.arange(len(split))))
 
 
 def tool_failures(m: dict, profile: Profile) -> list[str]:
@@ -119,7 +122,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                     if uses_tools:
                         abi = device.info().get("abi")
                     else:
-                        device.push([RUNNER_PATH, inputs])  # once per device, for all its targets
+                        device.push([*harness.files(), inputs])  # once per device, for all its targets
                     for p in profiles:
                         task.advance(0, f"{p.name} on {dev_spec}")
                         tm = lower_metrics["targets"].get(p.name, {})

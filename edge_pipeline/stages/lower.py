@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edge_pipeline import progress
-from edge_pipeline.backends import get_backend, pt2e
+from edge_pipeline.backends import get_backend, pt2e, spec
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
 from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
@@ -145,7 +145,7 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
 
     path, metrics = build(keep_float)
     int8 = profile.precision == "int8"
-    mixed = getattr(backend, "MIXED_PRECISION", True)
+    mixed = backend.BACKEND.float_layers
     float_layers: list[str] = list(keep_float)
     errors = None
     all_int8 = {k: metrics[k] for k in ("size_bytes", "val_metric")}
@@ -173,8 +173,8 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
                       f"PTQ {'yes' if ptq_ok else 'no'}, QAT {'yes' if qat_ok else 'no'})")
     elif int8 and profile.budgets.max_accuracy_drop is not None and missed(metrics):
         if not mixed:
-            metrics["fallback"] = {"unsupported": f"backend {profile.backend} cannot keep layers in float; "
-                                                  "the miss is reported as is"}
+            metrics["fallback"] = {"unsupported": backend.BACKEND.refusal("float_layers")
+                                                  + "; the miss is reported as is"}
         elif sensitivity:
             # Accuracy-aware fallback, decided on the validation split: the layers whose int8 hurts the outputs
             # most go back to float one at a time, each confirmed by a rebuild, until the budget is met or a
@@ -262,9 +262,9 @@ def _comparison_entry(path: Path, m: dict, example: tuple[torch.Tensor, ...], pr
 def host_p50_ms(path: Path, example: tuple[torch.Tensor, ...], threads: int, runs: int = 30) -> float:
     """Median latency of one artifact on this host, by the on-device runner's own measurement: for comparing two
     builds of one target inside one run (device-test measures the shipped one on each device)."""
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
-    result, _ = load_runner().measure(str(path), [t.numpy() for t in example], threads, runs=runs, warmup=3)
+    result, _ = harness.measure(str(path), [t.numpy() for t in example], threads, runs=runs, warmup=3)
     return result["latency"]["p50_ms"]
 
 
@@ -342,7 +342,7 @@ def _lower_one(model: FlatModel, iface: ModelInterface, profile: Profile, ref: R
             tb = traceback.format_exc()[-2000:]
             text, where, layer = locate_failure(model, example_inputs(ref.ev.data), e)
             if (keep or layer is None or profile.precision != "int8"
-                    or not getattr(get_backend(profile.backend), "MIXED_PRECISION", True)):
+                    or not spec(profile.backend).float_layers):
                 break
             keep = tuple(same_kind(model, layer))
             refused = f"{where}: {text.splitlines()[0][:300]}"
@@ -363,16 +363,16 @@ def _lower_one(model: FlatModel, iface: ModelInterface, profile: Profile, ref: R
 
 def load_calibration(path: Path) -> tuple[np.ndarray, ...]:
     """A representative set's inputs: ``input_0``, ``input_1``, ... (``x`` alone is one input)."""
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
-    return tuple(load_runner().load_inputs(str(path)))
+    return tuple(harness.load_inputs(str(path)))
 
 
 def write_golden(path: Path, data) -> None:
     """The first test rows: the golden inputs package runs every shipped artifact on, for verify to re-run."""
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner as harness
 
-    load_runner().save_inputs(path, data.test.rows(np.arange(min(GOLDEN_SAMPLES, len(data.test)))))
+    harness.save_inputs(path, data.test.rows(np.arange(min(GOLDEN_SAMPLES, len(data.test)))))
 
 
 def run(ctx, out: Path) -> dict:

@@ -65,7 +65,7 @@ def missing_parts(run_dir: Path, recipe: dict, lower_targets: dict, device_resul
 def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = False,
                  recipe: dict | None = None, allow_incomplete: bool = False) -> dict:
     """Write the bundle's content into ``out`` (an empty folder); returns the manifest."""
-    from edge_pipeline.devices.runner import load_runner
+    from edge_pipeline.harness import runner
     from edge_pipeline.sources.data import ArraySplit
 
     lower = find_stage(run_dir, "lower")
@@ -96,7 +96,6 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
         raise BudgetFailure(f"targets failed their budgets or checks: {', '.join(failed)}", where=str(run_dir),
                             hint="fix them, or package anyway with --allow-failing (recorded in the manifest)")
 
-    runner = load_runner()
     golden = ArraySplit(tuple(runner.load_inputs(str(lower_dir / "golden.npz"))), None)
     (out / "golden").mkdir()
     shutil.copy(lower_dir / "golden.npz", out / "golden" / "inputs.npz")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from edge_pipeline import distributed, progress
-from edge_pipeline.backends import get_backend, pt2e
+from edge_pipeline.backends import backends, get_backend, pt2e
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
 from edge_pipeline.interface import FlatModel
@@ -52,12 +52,12 @@ class QatResult:
 def quantizer_for(profile: Profile, where: str):
     """The target backend's QAT quantizer, or a clear refusal where the backend has none."""
     backend = get_backend(profile.backend)
-    make = getattr(backend, "qat_quantizer", None)
-    if make is None:
-        raise PipelineError(f"backend '{profile.backend}' (target {profile.name}) has no QAT quantizer",
-                            where=where, hint="remove the target from QAT (qat.mode: off), or use an "
-                                              "executorch, onnxruntime or tflite int8 target")
-    return make(profile)
+    if not backend.BACKEND.qat:
+        able = [name for name, b in backends().items() if b.BACKEND.qat]
+        raise PipelineError(f"{backend.BACKEND.refusal('qat')} (target {profile.name})", where=where,
+                            hint=f"remove the target from QAT (qat.mode: off), or use an int8 target of "
+                                 f"{', '.join(able)}")
+    return backend.qat_quantizer(profile)
 
 
 def check_config(recipe, where: str) -> None:

@@ -1,10 +1,9 @@
 #!/usr/bin/env python3
 """The on-device runner: loads one artifact, runs inputs from an .npz, times it, writes a JSON result.
 
-Standalone on purpose: it is copied to boards and phones, so it imports only numpy and the runtime the
-artifact needs (``executorch.runtime`` for .pte, ``onnxruntime`` for .onnx/.ort, ``ai_edge_litert`` or else
-``tflite_runtime`` for .tflite), never edge_pipeline. ExecuTorch's Python runtime takes torch tensors, so
-torch is imported for .pte only.
+Standalone on purpose: it is copied to boards and phones with the ``runtime_<name>.py`` modules beside it,
+so it imports only numpy and the runtime the artifact needs (the runtime module for the artifact's suffix says
+which), never the rest of edge_pipeline.
 
     python runner.py MODEL INPUTS.npz OUT.json [--threads N] [--runs N] [--warmup N] [--outputs OUT.npz] [--pin]
 
@@ -15,6 +14,7 @@ row 0; every row is run once for the outputs (``output_0``, ...) that accuracy i
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -27,104 +27,50 @@ import numpy as np
 UNSTABLE_CV = 0.15  # coefficient of variation above which a latency figure is flagged unstable
 
 
+@functools.cache  # functools.cache is 3.9+; boards may run older Pythons
+def runtimes() -> dict[str, object]:
+    """{artifact suffix: its runtime module}: every ``runtime_<name>.py`` beside this file. Imported as
+    ``edge_pipeline.harness.runtime_<name>`` on the host, as plain ``runtime_<name>`` where this file runs as
+    a script (its folder is then first on sys.path)."""
+    import importlib
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    found = {}
+    for f in sorted(os.listdir(here)):
+        if f.startswith("runtime_") and f.endswith(".py"):
+            name = f"{__package__}.{f[:-3]}" if __package__ else f[:-3]
+            mod = importlib.import_module(name)
+            found.update({suffix: mod for suffix in mod.SUFFIXES})
+    return found
+
+
+def runtime_for(path: str):
+    ext = os.path.splitext(path)[1]
+    known = runtimes()
+    if ext not in known:
+        raise SystemExit(f"runner: unknown artifact type '{ext}' ({path}); known: {', '.join(sorted(known))}")
+    return known[ext]
+
+
+def artifact_bytes(path: str) -> int:
+    """The artifact's size with the files beside it that are part of it (OpenVINO's weights .bin)."""
+    stem = os.path.splitext(path)[0]
+    return os.path.getsize(path) + sum(os.path.getsize(stem + s) for s in runtime_for(path).SIDECARS)
+
+
 class Model:
     """One loaded artifact with a uniform ``run(inputs) -> outputs``: lists of arrays, batch 1, in the order of
-    the model interface. Each input is cast to the artifact's own dtype (LiteRT takes int64 token ids as int32)
-    and float inputs of an int8-I/O model are quantized with that tensor's own scale and zero point."""
+    the model interface. Each runtime module casts inputs to the artifact's own dtypes (LiteRT takes int64 token
+    ids as int32; float inputs of an int8-I/O model are quantized with that tensor's own scale and zero point)."""
 
     def __init__(self, path: str, threads: int):
         self.path, self.threads = path, threads
-        ext = os.path.splitext(path)[1]
-        if ext == ".pte":
-            self._open_executorch()
-        elif ext in (".onnx", ".ort"):
-            self._open_onnxruntime()
-        elif ext == ".tflite":
-            self._open_tflite()
-        else:
-            raise SystemExit(f"runner: unknown artifact type '{ext}' ({path})")
-
-    def _open_executorch(self):
-        import torch
-        from executorch.extension.pybindings import portable_lib
-        from executorch.runtime import Runtime
-
-        if portable_lib._threadpool_get_thread_count() != self.threads:  # it prints a line each call
-            portable_lib._unsafe_reset_threadpool(self.threads)
-        self.runtime_name, self.runtime_version = "executorch", _pkg_version("executorch")
-        self._method = Runtime.get().load_program(self.path).load_method("forward")
-        self._run = lambda xs: [t.numpy() for t in self._method.execute([torch.from_numpy(x) for x in xs])]
-
-    def _open_onnxruntime(self):
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.threads
-        so.inter_op_num_threads = 1
-        self.runtime_name, self.runtime_version = "onnxruntime", ort.__version__
-        sess = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
-        names = [i.name for i in sess.get_inputs()]
-        dtypes = [_ORT_TYPES.get(i.type) for i in sess.get_inputs()]
-        self._run = lambda xs: sess.run(None, {n: _cast(x, d) for n, x, d in zip(names, xs, dtypes)})  # noqa: B905 - boards may run Python < 3.10
-
-    def _open_tflite(self):
-        try:
-            from ai_edge_litert.interpreter import Interpreter
-            self.runtime_name, self.runtime_version = "ai-edge-litert", _pkg_version("ai-edge-litert")
-        except ImportError:
-            from tflite_runtime.interpreter import Interpreter
-            self.runtime_name, self.runtime_version = "tflite-runtime", _pkg_version("tflite-runtime")
-        it = Interpreter(model_path=self.path, num_threads=self.threads)
-        it.allocate_tensors()
-        ins, outs = tflite_io(it)
-
-        def run(xs):
-            for d, x in zip(ins, xs):  # noqa: B905 - boards may run Python < 3.10
-                if d["dtype"] in (np.int8, np.uint8) and x.dtype == np.float32:
-                    scale, zp = d["quantization"]
-                    info = np.iinfo(d["dtype"])
-                    x = np.clip(np.round(x / scale + zp), info.min, info.max)
-                it.set_tensor(d["index"], np.ascontiguousarray(x, dtype=d["dtype"]))
-            it.invoke()
-            ys = []
-            for d in outs:
-                y = it.get_tensor(d["index"])
-                if d["dtype"] in (np.int8, np.uint8) and d["quantization"][0]:
-                    scale, zp = d["quantization"]
-                    y = (y.astype(np.float32) - zp) * scale
-                ys.append(y.copy())
-            return ys
-
-        self._run = run
+        self.runtime_name, self._run = runtime_for(path).open_model(path, threads)
+        self.runtime_version = _pkg_version(self.runtime_name)
 
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         # C-order copies with standard strides (a size-1 axis of a view can carry odd strides).
         return list(self._run([np.array(x, order="C", copy=True) for x in inputs]))
-
-
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(int32)": np.int32,
-              "tensor(bool)": np.bool_, "tensor(int8)": np.int8, "tensor(uint8)": np.uint8}
-
-
-def _cast(x: np.ndarray, dtype) -> np.ndarray:
-    return x if dtype is None or x.dtype == dtype else x.astype(dtype)
-
-
-def _numeric_suffix(name: str) -> int:
-    """``args_1`` -> 1, ``output_10`` -> 10 (a plain sort would put 10 before 2)."""
-    tail = name.rsplit("_", 1)[-1]
-    return int(tail) if tail.isdigit() else 0
-
-
-def tflite_io(it) -> tuple[list[dict], list[dict]]:
-    """Input and output details in the model's own order: the signature's ``args_<i>`` and ``output_<i>`` (the
-    interpreter's plain lists are in tensor-index order, which need not be the model's)."""
-    sigs = it.get_signature_list()
-    if not sigs:
-        return it.get_input_details(), it.get_output_details()
-    runner = it.get_signature_runner(next(iter(sigs)))
-    ins, outs = runner.get_input_details(), runner.get_output_details()
-    return ([ins[k] for k in sorted(ins, key=_numeric_suffix)], [outs[k] for k in sorted(outs, key=_numeric_suffix)])
 
 
 def load_inputs(path: str) -> list[np.ndarray]:
@@ -228,26 +174,14 @@ def latency_stats(times_ms: list[float]) -> dict:
             "unstable": cv > UNSTABLE_CV, "runs": len(t)}
 
 
-RUNTIME_MODULES = {".pte": ("torch", "executorch.runtime"), ".onnx": ("onnxruntime",), ".ort": ("onnxruntime",)}
-
-
 class RuntimeMissing(Exception):
     """The artifact's runtime cannot be imported on this device."""
 
 
 def _import_runtime(path: str) -> None:
     """Import the runtime before the clock starts: init time measures loading the model, not Python imports."""
-    import importlib
-
-    ext = os.path.splitext(path)[1]
     try:
-        for name in RUNTIME_MODULES.get(ext, ()):
-            importlib.import_module(name)
-        if ext == ".tflite":
-            try:
-                importlib.import_module("ai_edge_litert.interpreter")
-            except ImportError:
-                importlib.import_module("tflite_runtime.interpreter")
+        runtime_for(path).load()
     except (ImportError, OSError) as e:  # not installed, or a native library it needs is missing
         raise RuntimeMissing(f"runtime not available on this board ({platform.machine()}): "
                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
@@ -296,7 +230,7 @@ def measure(model_path: str, x: list[np.ndarray], threads: int = 1, runs: int = 
     rss_ran = _rss_bytes()
     per_row = [model.run([a[i:i + 1] for a in x]) for i in range(len(x[0]))]
     outputs = [np.concatenate([r[k] for r in per_row]) for k in range(len(per_row[0]))]
-    result = {"artifact": os.path.basename(model_path), "size_bytes": os.path.getsize(model_path),
+    result = {"artifact": os.path.basename(model_path), "size_bytes": artifact_bytes(model_path),
               "runtime": model.runtime_name, "runtime_version": model.runtime_version,
               "init_ms": init_ms, "first_inference_ms": first_ms, "latency": latency_stats(times),
               "memory": model_memory(rss_before, rss_loaded, rss_ran), "peak_rss_bytes": _peak_rss_bytes(),
