@@ -81,6 +81,9 @@ class Profile(_Strict):
         spec = known[self.backend].BACKEND
         if self.precision not in spec.precisions:
             raise ValueError(f"backend {self.backend} builds {', '.join(spec.precisions)}, not {self.precision}")
+        if self.precision == "int8" and self.quantization.method not in spec.calibration_methods:
+            raise ValueError(f"backend {self.backend} calibrates with {', '.join(spec.calibration_methods)}, "
+                             f"not {self.quantization.method}")
         if spec.platforms and self.platform not in spec.platforms:
             raise ValueError(f"backend {self.backend} builds for platforms {', '.join(spec.platforms)}, "
                              f"not {self.platform}")

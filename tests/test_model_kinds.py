@@ -1,4 +1,4 @@
-"""Four real-shaped model kinds through every stage to all three runtimes, and bad input through the CLI.
+"""Real-shaped model kinds through every stage to every runtime, and bad input through the CLI.
 
 An RGB CNN from an image folder; a model with three outputs and no labels; a Conv1d keyword spotter streamed
 from a torch Dataset; a transformer encoder on int64 token ids and an attention mask (dict items, as a
@@ -17,7 +17,7 @@ from edge_support import run_cli
 
 from edge_pipeline.verify import verify
 
-INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8"]
+INT8 = ["executorch-xnnpack-int8", "ort-mobile-int8", "tflite-int8", "openvino-cpu-int8"]
 
 
 def _recipe(tmp: Path, name: str, **doc) -> Path:

@@ -98,6 +98,10 @@ def spec(name: str) -> Backend:
     return get_backend(name).BACKEND
 
 
+def artifact_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in artifact_files(path))
+
+
 def artifact_files(path: Path) -> list[Path]:
     """The artifact and the files beside it that belong to it (what a device needs to load it)."""
     path = Path(path)

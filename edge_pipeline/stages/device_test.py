@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_pipeline import harness, progress
-from edge_pipeline.backends import artifact_files
+from edge_pipeline.backends import artifact_bytes, artifact_files
 from edge_pipeline.devices import open_device, parse_device
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator
@@ -54,7 +54,7 @@ def measure_with_tool(device, profile: Profile, artifact: Path, ev: Evaluator, t
     from edge_pipeline.sources.data import ArraySplit
 
     m, outputs = device.benchmark(profile.backend, artifact.parent, threads, runs, warmup)
-    m["size_bytes"] = sum(f.stat().st_size for f in artifact_files(artifact))
+    m["size_bytes"] = artifact_bytes(artifact)
     m["accuracy"] = ("golden input only: the runtime's own tool runs one input, not the evaluation split "
                      "(the split's accuracy is the lower stage's, on this machine's runtime)")
     if outputs:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edge_pipeline import progress
-from edge_pipeline.backends import get_backend, pt2e, spec
+from edge_pipeline.backends import artifact_bytes, get_backend, pt2e, spec
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
 from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
@@ -108,7 +108,7 @@ def evaluate(path: Path, ref: Reference, profile: Profile, parity_reference: lis
     parity = agreement(test, ref.test if parity_reference is None else parity_reference, ev.names)
     misses = parity_misses(parity, profile, ev.metric.output)
     test_metric = ev.score_outputs(test, "test")
-    return {"size_bytes": path.stat().st_size, "parity": parity, "parity_ok": not misses, "parity_misses": misses,
+    return {"size_bytes": artifact_bytes(path), "parity": parity, "parity_ok": not misses, "parity_misses": misses,
             "metric": ev.metric.name, "val_metric": ev.score_outputs(val, "val"), "test_metric": test_metric,
             "metric_drop": ev.metric.drop(test_metric, ref.test_metric),
             "agreement_with_teacher": agreement(test, ev.reference("test"), ev.names)["worst"]}
@@ -183,7 +183,8 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
             val = ref.ev.data.val
             rows = val.rows(np.arange(min(LAYER_ERROR_ROWS, len(val))))
             try:
-                errors = backend.layer_errors(model, example, calibration, rows, profile, iface)
+                errors = (backend.layer_errors(model, example, calibration, rows, profile, iface)
+                          if backend.BACKEND.layer_errors else {})
             except Exception as e:  # noqa: BLE001 - a diagnostic that fails costs the fallback, not the target
                 metrics["fallback"] = {"unsupported": f"per-layer error failed: {type(e).__name__}: "
                                                       f"{str(e).splitlines()[0][:300]}"}
