@@ -32,6 +32,7 @@ from edge_pipeline.modelio import load_model
 from edge_pipeline.modelstats import model_stats
 from edge_pipeline.pipeline import run as run_pipeline
 from edge_pipeline.runstore import find_stage
+from edge_pipeline.stages import stages
 from edge_pipeline.stages.device_test import measure_on_device, write_inputs
 from edge_pipeline.targets import host_ort_platform, load_profile, ort_files_for
 
@@ -196,8 +197,9 @@ def bench_recipe(recipe_path: str, out_root: Path) -> dict:
 
 def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     from edge_pipeline.device_testing import evaluator_for_run
+    from edge_pipeline.evaluation import example_inputs
+    from edge_pipeline.harness import runner
     from edge_pipeline.interface import FlatModel
-    from edge_pipeline.stages.lower import example_inputs, load_calibration
 
     # Up to the device test: a recipe whose targets miss their budgets still gets measured (package would refuse).
     summary = run_pipeline(recipe_path, out=out_root, until="device-test")
@@ -208,9 +210,9 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
     ev = evaluator_for_run(run_dir)
     data, iface = ev.data, ev.iface
     teacher = FlatModel(ev.teacher)
-    model_stage = find_stage(run_dir, "distill") or find_stage(run_dir, "prune") or find_stage(run_dir, "teacher")
+    model_stage = next(r for s in reversed(stages()) if s.produces_model and (r := find_stage(run_dir, s.name)))
     student, _ = load_model(model_stage[0] / "model.pt")
-    calibration = load_calibration(find_stage(run_dir, "calibrate")[0] / "calibration.npz")
+    calibration = tuple(runner.load_inputs(str(find_stage(run_dir, "calibrate")[0] / "calibration.npz")))
     example = example_inputs(data)
     models = {"fp32_teacher": teacher, "default_int8_teacher": teacher, "pipeline_int8": student,
               "format_floor": FlatModel(FloorModel(iface))}

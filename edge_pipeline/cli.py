@@ -31,6 +31,7 @@ from edge_pipeline.errors import (
     EXIT_UNREACHABLE,
     PipelineError,
 )
+from edge_pipeline.stages import stages
 
 # Outside a terminal (CI logs, pipes) rich would wrap tables at 80 columns; use COLUMNS or a wide default.
 _WIDTH = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 200))
@@ -38,15 +39,6 @@ _WIDTH = None if sys.stderr.isatty() else int(os.environ.get("COLUMNS", 200))
 console = Console(file=capture.terminal_stream(), width=_WIDTH)
 out = Console(width=None if sys.stdout.isatty() else int(os.environ.get("COLUMNS", 200)))
 
-# The figures the summary shows per stage (all of them are in run.json).
-SUMMARY_KEYS = {
-    "teacher": ("params", "macs", "metric", "test_metric"),
-    "prune": ("macs_fraction", "params_after", "val_metric_pruned", "val_metric_finetuned"),
-    "distill": ("macs_fraction_of_teacher", "test_metric", "teacher_test_metric", "epochs_run"),
-    "calibrate": ("samples", "pinned"),
-    "device-test": ("float_test_metric",),
-    "package": ("tar_bytes",),
-}
 
 
 # 0 ok, 1 a target missed its budget or checks, 2 bad input, 3 an internal or runtime failure, 130 Ctrl-C.
@@ -169,20 +161,16 @@ def _print_summary(summary) -> None:
     table = Table(title=f"run {summary.run_dir}")
     for col in ("stage", "status", "seconds", "key figures"):
         table.add_column(col)
+    by_name = {st.name: st for st in stages()}
     for name, s in summary.stages.items():
         m = s.get("metrics", {})
-        if name == "lower":  # per-target figures are in the targets x devices table; here the count and reasons
-            targets = m.get("targets", {})
-            failed = {t: v["failures"] for t, v in targets.items() if v.get("failures")}
-            figures = f"{len(targets) - len(failed)} of {len(targets)} targets ok" + (
-                f" ({', '.join(failed)} failed: see below)" if failed else "")
-            shipped = [f"{t}: {v['qat']['shipped'].upper()}" for t, v in targets.items() if v.get("qat")]
-            figures += f"; ships {', '.join(shipped)}" if shipped else ""
-        elif name == "qat" and m.get("targets"):
-            trained = [t for t, q in m["targets"].items() if q.get("trained")]
-            figures = (f"trained for {', '.join(trained) or 'none'}; mode={m.get('mode')}, device={m.get('device')}")
+        stage = by_name.get(name)
+        if stage is None or not m:
+            figures = ""
+        elif stage.summary is not None:
+            figures = stage.summary(m)
         else:
-            figures = ", ".join(f"{k}={_fmt(m[k])}" for k in SUMMARY_KEYS.get(name, ()) if k in m)
+            figures = ", ".join(f"{k}={_fmt(m[k])}" for k in stage.summary_keys if k in m)
         secs = s.get("seconds")
         table.add_row(name, s["status"], "" if secs is None else f"{secs:.1f}", figures)
     console.print(table)
@@ -266,11 +254,9 @@ def _stage_command(stage: str, help_text: str):
     return main.command(stage)(command)
 
 
-_stage_command("prune", "Structured pruning of the teacher.")
-_stage_command("distill", "Distill the teacher into the student.")
-_stage_command("calibrate", "Draw (or check) the pinned representative set.")
-_stage_command("qat", "Quantization-aware training for the int8 targets (qat.mode: on, or auto where PTQ misses).")
-_stage_command("lower", "Lower the model to every target's runtime format.")
+for _stage in stages():
+    if _stage.command:
+        _stage_command(_stage.name, _stage.command)
 
 
 def _print_failures(failed: list[str], lowered: dict, results: dict) -> None:

@@ -46,6 +46,11 @@ def predict(model: nn.Module, split: Split, batch_size: int = 64, device: str = 
     return _cat(chunks)
 
 
+def example_inputs(data: Splits, rows: int = 1) -> tuple[torch.Tensor, ...]:
+    """The first test rows as the example batch every backend exports with (batch 1 ships)."""
+    return tuple(torch.from_numpy(a) for a in data.test.rows(np.arange(rows)))
+
+
 def run_artifact(path: Path, split: Split, threads: int = 1, batch_size: int = 256) -> list[np.ndarray]:
     """Every output of a deployable artifact over the split, in this process through the on-device runner's
     own Model class, one row at a time (shipped artifacts take batch 1)."""

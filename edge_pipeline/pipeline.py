@@ -4,14 +4,13 @@ rest in order, and records everything in ``run.json``. The stages themselves kno
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -22,52 +21,7 @@ from edge_pipeline import capture, distributed, progress
 from edge_pipeline.errors import EXIT_UNREACHABLE, BudgetFailure, DevicesUnreachable, PipelineError
 from edge_pipeline.recipe import Recipe, load_recipe
 from edge_pipeline.runstore import RunStore
-
-
-@dataclass(frozen=True)
-class StageDef:
-    name: str
-    module: str  # edge_pipeline.stages.<module>, with run(ctx, out_dir) -> metrics
-    deps: tuple[str, ...]
-    config: Callable[[Recipe], Any]
-    enabled: Callable[[Recipe], bool] = lambda r: True
-    # What the stage reads from outside the run folder (data, pinned files), hashed into its cache key.
-    external: Callable[[Context], dict] = lambda ctx: {}
-    # What it writes outside the run folder (from its metrics): when any is gone, the stage runs again.
-    outputs: Callable[[dict], list[str]] = lambda metrics: []
-
-
-def _lower_config(r: Recipe) -> dict:
-    from edge_pipeline.targets import load_profile
-
-    return {"targets": [load_profile(t).model_dump() for t in r.targets]}
-
-
-STAGES: list[StageDef] = [
-    StageDef("teacher", "teacher", (), lambda r: {"model": r.model, "weights": r.weights, "data": r.data,
-                                                   "train": r.train.model_dump(), "metric": r.metric,
-                                                   "metric_output": r.metric_output},
-             external=lambda ctx: {"data": ctx.data_fingerprint, **_user_code(ctx.recipe)}),
-    StageDef("prune", "prune", ("teacher",), lambda r: r.prune.model_dump(), lambda r: r.prune.enabled),
-    StageDef("distill", "distill", ("teacher", "prune"), lambda r: r.distill.model_dump(),
-             lambda r: r.distill.enabled),
-    StageDef("calibrate", "calibrate", (), lambda r: {"data": r.data, **r.calibrate.model_dump()},
-             lambda r: any(t for t in r.targets),
-             external=lambda ctx: {"data": ctx.data_fingerprint, "set": _pinned_set_hash(ctx.recipe)}),
-    StageDef("qat", "qat", ("teacher", "prune", "distill", "calibrate"),
-             lambda r: {**r.qat.model_dump(), **_lower_config(r),
-                        "loss": r.distill.model_dump(include={"alpha", "temperature", "soft_only", "logit_outputs"})},
-             lambda r: bool(r.targets) and r.qat.mode != "off"),
-    StageDef("lower", "lower", ("teacher", "prune", "distill", "calibrate", "qat"), _lower_config,
-             lambda r: bool(r.targets)),
-    StageDef("device-test", "device_test", ("teacher", "lower"),
-             lambda r: {"devices": r.devices, **r.device_test.model_dump()},
-             lambda r: bool(r.targets) and r.device_test.enabled),
-    StageDef("package", "package", ("teacher", "prune", "distill", "calibrate", "qat", "lower", "device-test"),
-             lambda r: r.package.model_dump(), lambda r: bool(r.targets) and r.package.enabled,
-             outputs=lambda m: [m["bundle"], m["tar"]]),
-]
-STAGE_NAMES = [s.name for s in STAGES]
+from edge_pipeline.stages import Stage, stage_modules, stage_names, stages
 
 
 @dataclass
@@ -134,17 +88,11 @@ class Context:
 
     def preflight(self) -> None:
         """Everything that can be checked before work: data (labels, NaN/Inf, sizes), the model on an example
-        batch (outputs it can flatten, input dtypes), the metric, and the prune and distill settings."""
-        from edge_pipeline.stages.distill import check_config as check_distill
-        from edge_pipeline.stages.prune import check_config as check_prune
-        from edge_pipeline.stages.qat import check_config as check_qat
-
+        batch (outputs it can flatten, input dtypes), the metric, and each enabled stage's own settings."""
         _ = self.metric  # loads the data, builds the model, discovers the interface
-        if self.recipe.prune.enabled:
-            check_prune(self.recipe.prune, self.data, self.recipe_path)
-        if self.recipe.distill.enabled:
-            check_distill(self.recipe, self.iface, self.data, self.recipe_path)
-        check_qat(self.recipe, self.recipe_path)
+        for stage in stages():
+            if stage.check is not None and stage.enabled(self.recipe):
+                stage.check(self)
 
     @cached_property
     def data_fingerprint(self) -> str:
@@ -155,12 +103,38 @@ class Context:
         return None if self.keys.get(stage) == "disabled" else self.store.stage_dir(stage)
 
     def model_dir(self) -> Path:
-        """The folder holding the model the later stages work on: distilled, else pruned, else the teacher."""
-        for stage in ("distill", "prune", "teacher"):
-            d = self.stage_dir(stage)
-            if d is not None:
+        """The folder holding the model the current stage works on: that of the last enabled stage before it
+        that produces one (distilled, else pruned, else the teacher)."""
+        names = stage_names()
+        before = names.index(self.current_stage) if self.current_stage in names else len(names)
+        for stage in reversed(stages()[:before]):
+            if stage.produces_model and (d := self.stage_dir(stage.name)) is not None:
                 return d
         raise AssertionError("teacher stage is always enabled")
+
+    def model(self):
+        """(model, arch): the model the current stage works on."""
+        from edge_pipeline.modelio import load_model
+
+        return load_model(self.model_dir() / "model.pt")
+
+    def teacher(self):
+        """(model, arch): the trained teacher."""
+        from edge_pipeline.modelio import load_model
+
+        return load_model(self.stage_dir("teacher") / "model.pt")
+
+    def calibration(self) -> tuple:
+        """The representative set's inputs (``input_0``, ``input_1``, ...) the calibrate stage drew or checked."""
+        from edge_pipeline.harness import runner
+
+        return tuple(runner.load_inputs(str(self.stage_dir("calibrate") / "calibration.npz")))
+
+    def qat_state(self, target: str) -> dict | None:
+        """The trained state the qat stage left for this target, or None (no QAT, or not trained)."""
+        from edge_pipeline.stages import qat
+
+        return qat.state_for(self.stage_dir("qat"), target)
 
 
 @dataclass
@@ -183,13 +157,13 @@ def run(recipe_path: str | Path, out: str | Path | None = None, run_id: str = "d
     """Run a recipe; the Python equivalent of ``edge-pipeline run``. ``until`` stops after that stage."""
     recipe = load_recipe(recipe_path)
     for opt, val in (("--from-stage", from_stage), ("--only", only), ("until", until)):
-        if val is not None and val not in STAGE_NAMES:
-            raise PipelineError(f"unknown stage '{val}' for {opt}", hint=f"stages: {', '.join(STAGE_NAMES)}")
+        if val is not None and val not in stage_names():
+            raise PipelineError(f"unknown stage '{val}' for {opt}", hint=f"stages: {', '.join(stage_names())}")
     if not run_id or not all(c.isalnum() or c in "-_." for c in run_id) or run_id.startswith("."):
         raise PipelineError(f"bad run id '{run_id}'", hint="use letters, digits, '-', '_' or '.'")
     root = Path(out or recipe.output)
     _check_writable(root, "--out" if out else f"{recipe_path}: output")
-    store = RunStore(root, recipe.name, run_id, STAGE_NAMES)
+    store = RunStore(root, recipe.name, run_id, stage_names())
     ddp = _join_torchrun(recipe)
     main = not ddp or distributed.is_main()
     with store.lock() if main else contextlib.nullcontext():
@@ -256,11 +230,11 @@ def _write_report(ctx: Context) -> None:
 def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, force, until) -> RunSummary:
     recipe, store = ctx.recipe, ctx.store
     summary: dict[str, dict] = {}
-    forced_from = 0 if force else (STAGE_NAMES.index(from_stage) if from_stage else None)
+    forced_from = 0 if force else (stage_names().index(from_stage) if from_stage else None)
 
     goal = only or until
     needed = _dependencies(goal) | {goal} if goal else None
-    for i, sd in enumerate(STAGES):
+    for i, sd in enumerate(stages()):
         if needed is not None and sd.name not in needed:
             continue  # --only / a stage command: stages the goal does not depend on are left alone
         if not sd.enabled(recipe):
@@ -278,7 +252,7 @@ def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, for
             raise PipelineError(f"--only {only} needs stage '{sd.name}' up to date, and it is not",
                                 hint="run without --only first")
         # Under torchrun, rank 0 runs every stage but the training ones alone; the others wait, then read.
-        follower = ddp and not distributed.is_main() and sd.name not in ("distill", "qat")
+        follower = ddp and not distributed.is_main() and not sd.trains
         if follower:
             distributed.barrier()
         rerun = (only == sd.name) or (forced_from is not None and i >= forced_from and only is None)
@@ -312,7 +286,7 @@ def _run_stages(ctx: Context, recipe_doc: dict, ddp: bool, from_stage, only, for
 
 
 def _dependencies(stage: str) -> set[str]:
-    by_name = {s.name: s for s in STAGES}
+    by_name = {s.name: s for s in stages()}
     out, todo = set(), list(by_name[stage].deps)
     while todo:
         d = todo.pop()
@@ -322,15 +296,14 @@ def _dependencies(stage: str) -> set[str]:
     return out
 
 
-def _run_stage(ctx: Context, sd: StageDef, key: str, config: Any, inputs: dict, ddp: bool,
+def _run_stage(ctx: Context, sd: Stage, key: str, config: Any, inputs: dict, ddp: bool,
                recipe_doc: dict) -> dict:
     started = time.time()
     with _stage_folder(ctx.store, sd.name, ddp) as tmp, progress.task(f"stage {sd.name}"):
         log = tmp / "log.txt"  # other libraries' output while the stage runs (when the CLI captures it)
         try:
             with capture.to_log(log):
-                stage_mod = importlib.import_module(f"edge_pipeline.stages.{sd.module}")
-                metrics = stage_mod.run(ctx, tmp)
+                metrics = next(m for m in stage_modules() if m.STAGE is sd).run(ctx, tmp)
         except BaseException as e:
             e.stage = sd.name
             if not isinstance(e, (PipelineError, KeyboardInterrupt)):  # a crash: its traceback goes to the log
@@ -362,7 +335,7 @@ def _join_torchrun(recipe: Recipe) -> bool:
     """Under torchrun (WORLD_SIZE > 1) join the process group before any stage runs."""
     if distributed.world_size() <= 1:
         return False
-    from edge_pipeline.stages.distill import pick_device
+    from edge_pipeline.training import pick_device
 
     distributed.init(pick_device(recipe.distill.device, "distill.device"))
     return True
@@ -381,26 +354,3 @@ def _stage_folder(store: RunStore, stage: str, ddp: bool) -> Iterator[Path]:
 
 def _brief(rec: dict) -> dict:
     return {"seconds": rec.get("seconds"), "metrics": rec.get("metrics", {})}
-
-
-def _user_code(recipe: Recipe) -> dict:
-    """Content hashes of what the teacher is built from: the weights file's bytes and the user's modules."""
-    from edge_pipeline.runstore import module_fingerprint, sha256_file
-
-    out = {"model_code": module_fingerprint(recipe.model), "data_code": module_fingerprint(recipe.data)}
-    if recipe.weights and Path(recipe.weights).is_file():
-        out["weights"] = sha256_file(Path(recipe.weights))
-    if recipe.metric not in ("auto", "top1", "top5", "cosine", "sqnr", "max_abs"):
-        out["metric_code"] = module_fingerprint(recipe.metric)
-    return out
-
-
-def _pinned_set_hash(recipe: Recipe) -> str | None:
-    """A pinned representative set's recorded sha256, so editing the set re-runs everything downstream."""
-    if not recipe.calibrate.set:
-        return None
-    from edge_pipeline.runstore import sha256_file
-
-    npz = Path(recipe.calibrate.set).with_suffix(".npz")
-    return sha256_file(npz) if npz.is_file() else None
-

@@ -120,6 +120,11 @@ def platform_notes(profile: Profile, machine: str | None) -> list[str]:
     return [f"ORT file optimized for {profile.platform}, measured on {machine}: latency is not the target's"]
 
 
+def targets_config(names: list[str]) -> dict:
+    """The profiles' full content: what a stage building for these targets depends on (its cache key)."""
+    return {"targets": [load_profile(t).model_dump() for t in names]}
+
+
 def profile_dirs() -> list[Path]:
     dirs = [Path.cwd() / "targets", BUILTIN_DIR]
     return [d for i, d in enumerate(dirs) if d.is_dir() and d.resolve() not in [x.resolve() for x in dirs[:i]]]

@@ -1,4 +1,5 @@
-"""Training helpers shared by the teacher, the prune fine-tune and distillation."""
+"""Training shared by the stages: the plain fit (teacher, prune fine-tune), the teacher-student loss and the
+short fit against a teacher (distill, prune, qat), the device choice and the per-epoch curve point."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edge_pipeline import progress
+from edge_pipeline.errors import PipelineError
+from edge_pipeline.evaluation import Evaluator, agreement
+from edge_pipeline.interface import FlatModel
+from edge_pipeline.recipe import DistillConfig
 from edge_pipeline.sources import Split
 
 
@@ -53,3 +59,69 @@ def fit(model: nn.Module, train: Split, epochs: int, lr: float, batch_size: int 
                 sched.step()
             t.advance()
     return model.eval()
+
+
+def pick_device(requested: str, where: str) -> str:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("distill.device is 'cuda' but no CUDA device is available", where=where,
+                            hint="use device: auto or cpu")
+    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
+def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float, soft_only: bool):
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
+                    reduction="batchmean", log_target=True) * t * t
+    if soft_only or labels is None:
+        return soft
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
+
+
+def logit_outputs(requested: list[str] | None, ev: Evaluator) -> list[str]:
+    """Outputs distilled as class scores: as the recipe names them, else the metric's output with labels."""
+    if requested is not None:
+        return requested
+    return [ev.metric.output] if ev.metric.output and ev.data.train.y is not None else []
+
+
+def loss_for(cfg: DistillConfig | None, ev: Evaluator, alpha: float | None = None,
+             temperature: float | None = None):
+    """The student's loss against the teacher, over every output: KD at the temperature (plus cross-entropy
+    on the labels) for class-score outputs, MSE for the rest (boxes, landmarks, embeddings, probabilities)."""
+    names = ev.names
+    logits = set(logit_outputs(cfg.logit_outputs if cfg else None, ev))
+    alpha = cfg.alpha if cfg else alpha
+    t = cfg.temperature if cfg else temperature
+    soft_only = cfg.soft_only if cfg else False
+
+    def loss(s_outs, t_outs, labels):
+        total = 0.0
+        for name, s, te in zip(names, s_outs, t_outs, strict=True):
+            if name in logits:
+                total = total + kd_loss(s.flatten(1), te.flatten(1), labels if name == ev.metric.output else None,
+                                        alpha, t, soft_only)
+            else:
+                total = total + F.mse_loss(s.float(), te.float())
+        return total / len(names)
+    return loss
+
+
+def fit_to_teacher(student: nn.Module, teacher: nn.Module, split, loss, epochs: int, lr: float, seed: int = 0,
+                   description: str = "training") -> nn.Module:
+    """A short plain fine-tune against the teacher (used after pruning); streams the split."""
+    flat_s, flat_t = FlatModel(student), FlatModel(teacher).eval()
+
+    def batch_loss(xs, y):
+        with torch.no_grad():
+            t_out = flat_t(*xs)
+        return loss(flat_s(*xs), t_out, y)
+
+    return fit(student, split, epochs, lr, seed=seed, batch_loss=batch_loss, description=description)
+
+
+def epoch_point(s_val, t_val, y_val, loss_fn, ev: Evaluator, epoch: int, train_loss: float) -> dict:
+    """One epoch's point on the training curve: the loss on val against the teacher, the metric, the cosine."""
+    val_loss = loss_fn(tensors(s_val), tensors(t_val), y_val).item()
+    return {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+            "val_metric": ev.score_outputs(s_val, "val"),
+            "val_cosine": agreement(s_val, t_val, ev.names)["worst"]["cosine"]}

@@ -17,6 +17,7 @@ import numpy as np
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.runstore import sha256_file
 from edge_pipeline.sources import Splits
+from edge_pipeline.stages import Stage
 
 
 def draw(data: Splits, n: int, seed: int) -> tuple[tuple[np.ndarray, ...], np.ndarray | None, str]:
@@ -143,3 +144,18 @@ def run(ctx, out: Path) -> dict:
         prov = write_set(out / "calibration", x, y, prov)
     return {"samples": len(x[0]), "sha256": prov["sha256"], "pinned_set": str(base) if base else None,
             "pinned": pinned, "sampling": prov.get("sampling"), "class_histogram": prov.get("class_histogram")}
+
+
+def pinned_set_hash(recipe) -> str | None:
+    """A pinned representative set's recorded sha256, so editing the set re-runs everything downstream."""
+    if not recipe.calibrate.set:
+        return None
+    npz = Path(recipe.calibrate.set).with_suffix(".npz")
+    return sha256_file(npz) if npz.is_file() else None
+
+
+STAGE = Stage("calibrate", 3, (), lambda r: {"data": r.data, **r.calibrate.model_dump()},
+              lambda r: any(t for t in r.targets),
+              external=lambda ctx: {"data": ctx.data_fingerprint, "set": pinned_set_hash(ctx.recipe)},
+              command="Draw (or check) the pinned representative set.", summary_keys=("samples", "pinned"),
+              card=lambda c, m: f"- **calibrate**: {c['samples']} samples from the training split.")

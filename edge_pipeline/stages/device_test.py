@@ -21,6 +21,7 @@ from edge_pipeline.devices import open_device, parse_device
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator
 from edge_pipeline.harness import runner
+from edge_pipeline.stages import Stage
 from edge_pipeline.targets import Profile, load_profile, platform_notes
 
 
@@ -172,3 +173,7 @@ def run(ctx, out: Path) -> dict:
                        cfg.threads, cfg.runs, cfg.warmup, cfg.timeout_s)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
+
+
+STAGE = Stage("device-test", 6, ("teacher", "lower"), lambda r: {"devices": r.devices, **r.device_test.model_dump()},
+              lambda r: bool(r.targets) and r.device_test.enabled, summary_keys=("float_test_metric",))

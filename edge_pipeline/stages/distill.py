@@ -25,7 +25,8 @@ from edge_pipeline.modelio import load_model, save_model
 from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import DistillConfig, Recipe
 from edge_pipeline.sources import Splits, build_model, is_zoo
-from edge_pipeline.training import fit, seed_everything, tensors, warmup_cosine
+from edge_pipeline.stages import Stage, fmt_metric
+from edge_pipeline.training import epoch_point, loss_for, pick_device, seed_everything, tensors, warmup_cosine
 
 
 @dataclass(frozen=True)
@@ -34,64 +35,6 @@ class DistillResult:
     arch: dict
     curves: list[dict]  # per epoch: train_loss, val_loss, val_metric, val_cosine
     best_epoch: int
-
-
-def pick_device(requested: str, where: str) -> str:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("distill.device is 'cuda' but no CUDA device is available", where=where,
-                            hint="use device: auto or cpu")
-    return "cuda" if requested in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
-
-
-def kd_loss(student_logits, teacher_logits, labels, alpha: float, temperature: float, soft_only: bool):
-    t = temperature
-    soft = F.kl_div(F.log_softmax(student_logits / t, 1), F.log_softmax(teacher_logits / t, 1),
-                    reduction="batchmean", log_target=True) * t * t
-    if soft_only or labels is None:
-        return soft
-    return alpha * soft + (1 - alpha) * F.cross_entropy(student_logits, labels)
-
-
-def logit_outputs(requested: list[str] | None, ev: Evaluator) -> list[str]:
-    """Outputs distilled as class scores: as the recipe names them, else the metric's output with labels."""
-    if requested is not None:
-        return requested
-    return [ev.metric.output] if ev.metric.output and ev.data.train.y is not None else []
-
-
-def loss_for(cfg: DistillConfig | None, ev: Evaluator, alpha: float | None = None,
-             temperature: float | None = None):
-    """The student's loss against the teacher, over every output: KD at the temperature (plus cross-entropy
-    on the labels) for class-score outputs, MSE for the rest (boxes, landmarks, embeddings, probabilities)."""
-    names = ev.names
-    logits = set(logit_outputs(cfg.logit_outputs if cfg else None, ev))
-    alpha = cfg.alpha if cfg else alpha
-    t = cfg.temperature if cfg else temperature
-    soft_only = cfg.soft_only if cfg else False
-
-    def loss(s_outs, t_outs, labels):
-        total = 0.0
-        for name, s, te in zip(names, s_outs, t_outs, strict=True):
-            if name in logits:
-                total = total + kd_loss(s.flatten(1), te.flatten(1), labels if name == ev.metric.output else None,
-                                        alpha, t, soft_only)
-            else:
-                total = total + F.mse_loss(s.float(), te.float())
-        return total / len(names)
-    return loss
-
-
-def fit_to_teacher(student: nn.Module, teacher: nn.Module, split, loss, epochs: int, lr: float, seed: int = 0,
-                   description: str = "training") -> nn.Module:
-    """A short plain fine-tune against the teacher (used after pruning); streams the split."""
-    flat_s, flat_t = FlatModel(student), FlatModel(teacher).eval()
-
-    def batch_loss(xs, y):
-        with torch.no_grad():
-            t_out = flat_t(*xs)
-        return loss(flat_s(*xs), t_out, y)
-
-    return fit(student, split, epochs, lr, seed=seed, batch_loss=batch_loss, description=description)
 
 
 class _Hints(nn.Module):
@@ -273,16 +216,8 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
     return DistillResult(student.cpu().eval(), arch, curves, best_epoch)
 
 
-def epoch_point(s_val, t_val, y_val, loss_fn, ev: Evaluator, epoch: int, train_loss: float) -> dict:
-    """One epoch's point on the training curve: the loss on val against the teacher, the metric, the cosine."""
-    val_loss = loss_fn(tensors(s_val), tensors(t_val), y_val).item()
-    return {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
-            "val_metric": ev.score_outputs(s_val, "val"),
-            "val_cosine": agreement(s_val, t_val, ev.names)["worst"]["cosine"]}
-
-
 def run(ctx, out: Path) -> dict:
-    teacher, teacher_arch = load_model(ctx.stage_dir("teacher") / "model.pt")
+    teacher, teacher_arch = ctx.teacher()
     cfg = ctx.recipe.distill
     ev = ctx.evaluator
     student, arch = make_student(cfg, teacher_arch, ctx.stage_dir("prune"), ctx.data, ctx.recipe_path)
@@ -306,3 +241,13 @@ def run(ctx, out: Path) -> dict:
 
 def curves_best(curves: list[dict], best_epoch: int) -> float:
     return next(c["val_metric"] for c in curves if c["epoch"] == best_epoch)
+
+
+STAGE = Stage("distill", 2, ("teacher", "prune"), lambda r: r.distill.model_dump(), lambda r: r.distill.enabled,
+              check=lambda ctx: check_config(ctx.recipe, ctx.iface, ctx.data, ctx.recipe_path),
+              produces_model=True, trains=True, command="Distill the teacher into the student.",
+              summary_keys=("macs_fraction_of_teacher", "test_metric", "teacher_test_metric", "epochs_run"),
+              card=lambda d, m: (f"- **distill**: student test {m.get('metric') or 'metric'} "
+                                 f"{fmt_metric(d.get('test_metric'))} "
+                                 f"(teacher {fmt_metric(d.get('teacher_test_metric'))}), "
+                                 f"{d['macs_fraction_of_teacher']:.1%} of the teacher's MACs."))

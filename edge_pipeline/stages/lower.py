@@ -21,11 +21,11 @@ from torch import nn
 from edge_pipeline import progress
 from edge_pipeline.backends import artifact_bytes, get_backend, pt2e, spec
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
+from edge_pipeline.evaluation import Evaluator, agreement, example_inputs, predict, run_artifact
 from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
 from edge_pipeline.layer_error import noise_shares, output_sensitivity
-from edge_pipeline.modelio import load_model
-from edge_pipeline.targets import Profile, load_profile
+from edge_pipeline.stages import Stage
+from edge_pipeline.targets import Profile, load_profile, targets_config
 
 GOLDEN_SAMPLES = 32
 LAYER_ERROR_ROWS = 32  # validation rows the per-layer debuggers log (ORT's holds every tensor in memory)
@@ -33,11 +33,6 @@ LAYER_ERROR_ROWS = 32  # validation rows the per-layer debuggers log (ORT's hold
 # EfficientNet-Lite0 the worst of 50 layers adds about 10%: keeping it float did not change agreement on val,
 # and each try cost a full export (a minute for ExecuTorch).
 MIN_NOISE_SHARE = 0.2
-
-
-def example_inputs(data, rows: int = 1) -> tuple[torch.Tensor, ...]:
-    """The first test rows as the example batch every backend exports with (batch 1 ships)."""
-    return tuple(torch.from_numpy(a) for a in data.test.rows(np.arange(rows)))
 
 
 def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -362,13 +357,6 @@ def _lower_one(model: FlatModel, iface: ModelInterface, profile: Profile, ref: R
             "failures": [f"lowering failed{' at ' + where if where else ''}{also}"], "traceback": tb}
 
 
-def load_calibration(path: Path) -> tuple[np.ndarray, ...]:
-    """A representative set's inputs: ``input_0``, ``input_1``, ... (``x`` alone is one input)."""
-    from edge_pipeline.harness import runner as harness
-
-    return tuple(harness.load_inputs(str(path)))
-
-
 def write_golden(path: Path, data) -> None:
     """The first test rows: the golden inputs package runs every shipped artifact on, for verify to re-run."""
     from edge_pipeline.harness import runner as harness
@@ -377,14 +365,26 @@ def write_golden(path: Path, data) -> None:
 
 
 def run(ctx, out: Path) -> dict:
-    model, _ = load_model(ctx.model_dir() / "model.pt")
-    calibration = load_calibration(ctx.stage_dir("calibrate") / "calibration.npz")
-    from edge_pipeline.stages.qat import state_for
-
+    model, _ = ctx.model()
     profiles = [load_profile(t) for t in ctx.recipe.targets]
-    qat_states = {p.name: state for p in profiles if (state := state_for(ctx.stage_dir("qat"), p.name)) is not None}
-    result = lower_all(model, profiles, ctx.evaluator, calibration, out, ctx.recipe.calibrate.sensitivity,
+    qat_states = {p.name: state for p in profiles if (state := ctx.qat_state(p.name)) is not None}
+    result = lower_all(model, profiles, ctx.evaluator, ctx.calibration(), out, ctx.recipe.calibrate.sensitivity,
                        qat_states)
     write_golden(out / "golden.npz", ctx.data)
     (out / "targets.json").write_text(json.dumps(result["targets"], indent=1, default=str))
     return result
+
+
+def _summary(m: dict) -> str:
+    """The count and which targets failed (their figures are in the targets x devices table), what ships."""
+    targets = m.get("targets", {})
+    failed = [t for t, v in targets.items() if v.get("failures")]
+    text = f"{len(targets) - len(failed)} of {len(targets)} targets ok" + (
+        f" ({', '.join(failed)} failed: see below)" if failed else "")
+    shipped = [f"{t}: {v['qat']['shipped'].upper()}" for t, v in targets.items() if v.get("qat")]
+    return text + (f"; ships {', '.join(shipped)}" if shipped else "")
+
+
+STAGE = Stage("lower", 5, ("teacher", "prune", "distill", "calibrate", "qat"), lambda r: targets_config(r.targets),
+              lambda r: bool(r.targets), command="Lower the model to every target's runtime format.",
+              summary=_summary)

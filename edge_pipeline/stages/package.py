@@ -25,6 +25,7 @@ from pathlib import Path
 from edge_pipeline.errors import BudgetFailure, DevicesUnreachable, PipelineError
 from edge_pipeline.evaluation import run_artifact
 from edge_pipeline.runstore import find_stage, sha256_file, toolchain_versions
+from edge_pipeline.stages import Stage, fmt_metric, stages
 
 MANIFEST_SCHEMA = 2
 MEASUREMENTS_SCHEMA = 1
@@ -122,15 +123,17 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     if classes:
         (out / "labels.txt").write_text("\n".join(classes) + "\n")
     cal = find_stage(run_dir, "calibrate")
-    stages = {s: without_timings(rec["metrics"]) for s in ("teacher", "prune", "distill", "calibrate", "qat")
-              if (r := find_stage(run_dir, s)) for rec in [r[1]]}
+    # the stages that made the model (lower's figures are the targets'; device-test's are beside the archive)
+    lower_order = next(st.order for st in stages() if st.name == "lower")
+    stages_doc = {st.name: without_timings(rec["metrics"]) for st in stages() if st.order < lower_order
+                  if (r := find_stage(run_dir, st.name)) for rec in [r[1]]}
     manifest = {
         "schema": MANIFEST_SCHEMA, "name": name, "version": version, "targets": targets,
         "failed_targets": failed_build, "allow_failing": bool(failed) and allow_failing, "incomplete": incomplete,
         "recipe": recipe, "calibration_sha256": cal[1]["metrics"]["sha256"] if cal else None,
         "interface": teacher_metrics.get("interface"), "preprocessing": teacher_metrics.get("preprocessing"),
         "metric": teacher_metrics.get("metric"),
-        "stages": stages, "toolchain": run_doc.get("toolchain") or toolchain_versions(),
+        "stages": stages_doc, "toolchain": run_doc.get("toolchain") or toolchain_versions(),
         "git_commit": _git_commit(), "not_byte_reproducible": not_byte_reproducible(lower_rec["metrics"]["targets"]),
     }
     manifest = without_build_paths(manifest, Path(run_doc.get("recipe_path") or ".").absolute().parent)
@@ -139,9 +142,9 @@ def build_bundle(run_dir: Path, version: str, out: Path, allow_failing: bool = F
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True, default=str) + "\n")
     measurements = {"schema": MEASUREMENTS_SCHEMA, "name": name, "version": version, "devices": devices,
                     "failed_targets": failed_devices, "unreachable_devices": unreachable,
-                    "stage_seconds": {s: rec["seconds"] for s in ("teacher", "prune", "distill", "calibrate", "qat",
-                                                                   "lower", "device-test")
-                                      if (r := find_stage(run_dir, s)) for rec in [r[1]] if "seconds" in rec}}
+                    "stage_seconds": {s.name: rec["seconds"] for s in stages() if s.name != STAGE.name
+                                      if (r := find_stage(run_dir, s.name))
+                                      for rec in [r[1]] if "seconds" in rec}}
     return manifest, measurements
 
 
@@ -204,10 +207,6 @@ def _io_lines(m: dict) -> list[str]:
     return lines
 
 
-def _num(v) -> str:
-    return "n/a" if v is None else f"{v:.4f}"
-
-
 def model_card(m: dict) -> str:
     st = m["stages"]
     metric = m.get("metric") or "the recipe's metric"
@@ -221,30 +220,12 @@ def model_card(m: dict) -> str:
              f"for training or calibration, with the metric `{metric}` (against the labels, or against the float "
              f"teacher's outputs where there are none). Calibration set sha256: `{m['calibration_sha256']}`.", "",
              "## What each stage did"]
-    if "teacher" in st:
-        t = st["teacher"]
-        lines.append(f"- **teacher** `{m['recipe'].get('model')}`: {t['params']} params, {t['macs']} MACs, "
-                     f"test {metric} {_num(t.get('test_metric'))}.")
-    if "prune" in st:
-        p = st["prune"]
-        lines.append(f"- **prune** ({p['method']}): MACs {p['macs_before']} → {p['macs_after']} "
-                     f"({p['macs_fraction']:.1%}), params {p['params_before']} → {p['params_after']}.")
-    if "distill" in st:
-        d = st["distill"]
-        lines.append(f"- **distill**: student test {metric} {_num(d.get('test_metric'))} "
-                     f"(teacher {_num(d.get('teacher_test_metric'))}), "
-                     f"{d['macs_fraction_of_teacher']:.1%} of the teacher's MACs.")
-    if "calibrate" in st:
-        lines.append(f"- **calibrate**: {st['calibrate']['samples']} samples from the training split.")
-    from_qat = [n for n, t in m["targets"].items() if t.get("int8_from") == "qat"]
-    if "qat" in st:
-        lines.append(f"- **qat** ({st['qat']['mode']}): quantization-aware training against the teacher; int8 "
-                     f"from the trained model for {', '.join(from_qat) or 'no target'} (the others calibrated).")
+    lines += [stage.card(st[stage.name], m) for stage in stages() if stage.card and stage.name in st]
     lines += ["", "## Targets", "", f"| target | size (bytes) | test {metric} | parity cosine (worst output) |",
               "|---|---|---|---|"]
     for name, t in m["targets"].items():
         parity = (t["lower"].get("parity") or {}).get("cosine")
-        lines.append(f"| {name} | {t['lower']['size_bytes']} | {_num(t['lower'].get('test_metric'))} | "
+        lines.append(f"| {name} | {t['lower']['size_bytes']} | {fmt_metric(t['lower'].get('test_metric'))} | "
                      f"{'n/a' if parity is None else f'{parity:.6f}'} |")
     lines += ["", "## Limits",
               f"- The figures above are the build machine's runtimes on the test split. Latency, memory and accuracy "
@@ -327,3 +308,8 @@ def run(ctx, out: Path) -> dict:
     return {"bundle": str(bundle), "tar": str(tar_path), "tar_sha256": sha256_file(tar_path),
             "tar_bytes": tar_path.stat().st_size, "measurements": str(measurements_path(tar_path)),
             "report": str(tar_path.with_name(bundle.name + ".report.html")), "seconds": time.time() - started}
+
+
+STAGE = Stage("package", 7, ("teacher", "prune", "distill", "calibrate", "qat", "lower", "device-test"),
+              lambda r: r.package.model_dump(), lambda r: bool(r.targets) and r.package.enabled,
+              outputs=lambda m: [m["bundle"], m["tar"]], summary_keys=("tar_bytes",))

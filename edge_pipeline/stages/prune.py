@@ -20,10 +20,11 @@ from torch import nn
 from edge_pipeline import progress
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator
-from edge_pipeline.modelio import load_model, save_model
+from edge_pipeline.modelio import save_model
 from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import PruneConfig
 from edge_pipeline.sources import Splits
+from edge_pipeline.stages import Stage
 from edge_pipeline.training import seed_everything, tensors
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -192,7 +193,7 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, ev: Evaluator, where
     """Structured pruning (or sparsity) of ``model`` in place, fine-tuned against its own unpruned copy."""
     import copy
 
-    from edge_pipeline.stages.distill import fit_to_teacher, loss_for
+    from edge_pipeline.training import fit_to_teacher, loss_for
 
     seed_everything(cfg.seed)
     check_config(cfg, data, where)
@@ -262,7 +263,7 @@ def _flat_outputs(out):
 
 def _sparsify(model, teacher, data, cfg, ignored, base, acc_before, ev, loss) -> PruneResult:
     """Zero weights in place: unstructured magnitude (global) or 2:4 along the input dimension."""
-    from edge_pipeline.stages.distill import fit_to_teacher
+    from edge_pipeline.training import fit_to_teacher
 
     weights = [m.weight for m in model.modules() if isinstance(m, PRUNABLE) and m not in ignored]
     masks = []
@@ -299,7 +300,7 @@ def _sparsify(model, teacher, data, cfg, ignored, base, acc_before, ev, loss) ->
 
 
 def run(ctx, out: Path) -> dict:
-    teacher, arch = load_model(ctx.stage_dir("teacher") / "model.pt")
+    teacher, arch = ctx.teacher()
     res = prune(teacher, ctx.data, ctx.recipe.prune, ctx.evaluator, where=ctx.recipe_path)
     save_model(res.model, arch, out / "model.pt")
     if res.sensitivity:
@@ -319,3 +320,10 @@ def run(ctx, out: Path) -> dict:
                            "on the CPU runtimes unless the file is compressed")
     return metrics
 
+
+STAGE = Stage("prune", 1, ("teacher",), lambda r: r.prune.model_dump(), lambda r: r.prune.enabled,
+              check=lambda ctx: check_config(ctx.recipe.prune, ctx.data, ctx.recipe_path), produces_model=True,
+              command="Structured pruning of the teacher.",
+              summary_keys=("macs_fraction", "params_after", "val_metric_pruned", "val_metric_finetuned"),
+              card=lambda p, m: (f"- **prune** ({p['method']}): MACs {p['macs_before']} → {p['macs_after']} "
+                                 f"({p['macs_fraction']:.1%}), params {p['params_before']} → {p['params_after']}."))

@@ -31,13 +31,12 @@ from torch import nn
 from edge_pipeline import distributed, progress
 from edge_pipeline.backends import backends, get_backend, pt2e
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.evaluation import Evaluator, agreement, predict, run_artifact
+from edge_pipeline.evaluation import Evaluator, agreement, example_inputs, predict, run_artifact
 from edge_pipeline.interface import FlatModel
-from edge_pipeline.modelio import load_model
 from edge_pipeline.recipe import QatConfig
-from edge_pipeline.stages.distill import epoch_point, loss_for, pick_device
-from edge_pipeline.targets import Profile, load_profile
-from edge_pipeline.training import seed_everything, tensors, warmup_cosine
+from edge_pipeline.stages import Stage
+from edge_pipeline.targets import Profile, load_profile, targets_config
+from edge_pipeline.training import epoch_point, loss_for, pick_device, seed_everything, tensors, warmup_cosine
 
 STATE_FILE = "qat_state.pt"  # per target folder: the trained prepared graph's state_dict (tensors only)
 
@@ -86,8 +85,6 @@ def ptq_val_metric(model: nn.Module, profile: Profile, calibration, ev: Evaluato
     """The post-training build of this target, made and run in its own runtime, scored on val; with its top-1
     agreement there with the float model it came from (None without a class output). Agreement is paired (the
     same rows, int8 against float), so it shows an int8 loss that a small val split's metric hides by chance."""
-    from edge_pipeline.stages.lower import example_inputs
-
     with tempfile.TemporaryDirectory() as tmp:
         path = get_backend(profile.backend).export(model, example_inputs(ev.data), calibration, profile, Path(tmp),
                                                    ev.iface, fixtures=False)
@@ -180,13 +177,11 @@ def train(model: nn.Module, teacher: nn.Module, quantizer, calibration, ev: Eval
 
 
 def run(ctx, out: Path) -> dict:
-    from edge_pipeline.stages.lower import load_calibration
-
     cfg = ctx.recipe.qat
     where = f"{ctx.recipe_path}: qat"
-    model, _ = load_model(ctx.model_dir() / "model.pt")
-    teacher, _ = load_model(ctx.stage_dir("teacher") / "model.pt")
-    calibration = load_calibration(ctx.stage_dir("calibrate") / "calibration.npz")
+    model, _ = ctx.model()
+    teacher, _ = ctx.teacher()
+    calibration = ctx.calibration()
     ev = ctx.evaluator
     device = pick_device(cfg.device, f"{where}.device")
     distributed.init(device)
@@ -241,3 +236,22 @@ def state_for(qat_dir: Path | None, target: str) -> dict | None:
         return None
     return torch.load(qat_dir / target / STATE_FILE, weights_only=True, map_location="cpu")
 
+
+def _card(q: dict, m: dict) -> str:
+    from_qat = [n for n, t in m["targets"].items() if t.get("int8_from") == "qat"]
+    return (f"- **qat** ({q['mode']}): quantization-aware training against the teacher; int8 from the trained "
+            f"model for {', '.join(from_qat) or 'no target'} (the others calibrated).")
+
+
+def _summary(m: dict) -> str:
+    trained = [t for t, q in m.get("targets", {}).items() if q.get("trained")]
+    return f"trained for {', '.join(trained) or 'none'}; mode={m.get('mode')}, device={m.get('device')}"
+
+
+STAGE = Stage(
+    "qat", 4, ("teacher", "prune", "distill", "calibrate"),
+    lambda r: {**r.qat.model_dump(), **targets_config(r.targets),
+               "loss": r.distill.model_dump(include={"alpha", "temperature", "soft_only", "logit_outputs"})},
+    lambda r: bool(r.targets) and r.qat.mode != "off", check=lambda ctx: check_config(ctx.recipe, ctx.recipe_path),
+    trains=True, command="Quantization-aware training for the int8 targets (qat.mode: on, or auto where PTQ misses).",
+    summary=_summary, card=_card)

@@ -16,6 +16,7 @@ from edge_pipeline.modelio import save_model
 from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import TeacherTrainConfig
 from edge_pipeline.sources import Splits, build_model, is_zoo
+from edge_pipeline.stages import Stage, fmt_metric
 from edge_pipeline.training import fit, seed_everything
 
 
@@ -71,3 +72,24 @@ def run(ctx, out: Path) -> dict:
     res = make_teacher(ctx.recipe.model, ctx.data, ctx.recipe.train, ctx.iface, ctx.metric, ctx.recipe.weights)
     save_model(res.model, res.arch, out / "model.pt")
     return res.metrics
+
+
+def user_code(recipe) -> dict:
+    """Content hashes of what the teacher is built from: the weights file's bytes and the user's modules."""
+    from edge_pipeline.runstore import module_fingerprint, sha256_file
+
+    out = {"model_code": module_fingerprint(recipe.model), "data_code": module_fingerprint(recipe.data)}
+    if recipe.weights and Path(recipe.weights).is_file():
+        out["weights"] = sha256_file(Path(recipe.weights))
+    if recipe.metric not in ("auto", "top1", "top5", "cosine", "sqnr", "max_abs"):
+        out["metric_code"] = module_fingerprint(recipe.metric)
+    return out
+
+
+STAGE = Stage(
+    "teacher", 0, (), lambda r: {"model": r.model, "weights": r.weights, "data": r.data, "train": r.train.model_dump(),
+                                 "metric": r.metric, "metric_output": r.metric_output},
+    external=lambda ctx: {"data": ctx.data_fingerprint, **user_code(ctx.recipe)}, produces_model=True,
+    summary_keys=("params", "macs", "metric", "test_metric"),
+    card=lambda t, m: (f"- **teacher** `{m['recipe'].get('model')}`: {t['params']} params, {t['macs']} MACs, "
+                       f"test {m.get('metric') or 'metric'} {fmt_metric(t.get('test_metric'))}."))

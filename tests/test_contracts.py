@@ -1,5 +1,6 @@
-"""The backend contract: every listing comes from the registry, a backend added from outside the package runs,
-is cached and reported like the built-in ones, and OpenVINO (added through the contract alone) works end to end."""
+"""The stage and backend contracts: every listing comes from the registries, a stage and a backend added from
+outside the package run, are cached and reported like the built-in ones, and OpenVINO (added through the
+backend contract alone) works end to end."""
 
 import json
 import tarfile
@@ -68,31 +69,59 @@ def _plain_onnx_backend() -> types.ModuleType:
     return mod
 
 
+def _audit_stage() -> types.ModuleType:
+    """A stage written in a test, between qat and lower: reads the model through the run context."""
+    from edge_pipeline.stages import Stage
+
+    mod = types.ModuleType("audit_stage")
+
+    def run(ctx, out):
+        model, _ = ctx.model()
+        (out / "audit.txt").write_text("checked\n")
+        return {"params_seen": sum(p.numel() for p in model.parameters()),
+                "calibration_rows": len(ctx.calibration()[0])}
+
+    mod.run = run
+    mod.STAGE = Stage("audit", 4.5, ("teacher", "calibrate"), lambda r: {"targets": r.targets},
+                      summary_keys=("params_seen",), card=lambda a, m: f"- **audit**: saw {a['params_seen']} params.")
+    return mod
+
+
 @pytest.fixture
-def plain_onnx():
+def plugins():
+    from edge_pipeline import stages
+
     register(_plain_onnx_backend())
+    stages.register(_audit_stage())
     yield
     unregister("plain-onnx")
+    stages.unregister("audit")
 
 
-def test_a_backend_from_outside_the_package_runs_is_cached_and_reported(plain_onnx, write_recipe, tmp_path):
+def test_a_stage_and_a_backend_from_outside_the_package_run_are_cached_and_reported(plugins, write_recipe, tmp_path):
     from edge_pipeline.pipeline import run
+    from edge_pipeline.stages import stage_names
 
     profile = tmp_path / "plain-onnx-fp32.yaml"
     profile.write_text(yaml.safe_dump({"name": "plain-onnx-fp32", "backend": "plain-onnx", "precision": "fp32",
                                        "budgets": {"max_accuracy_drop": 0.0}}))
-    recipe = write_recipe(train={"epochs": 1}, targets=[str(profile)], devices=["local"],
+    recipe = write_recipe(train={"epochs": 1}, targets=[str(profile)], devices=["local"], calibrate={"samples": 16},
                           device_test={"runs": 3, "warmup": 1}, package={"dist": str(tmp_path / "dist")})
     first = run(recipe)
+    assert stage_names().index("audit") == stage_names().index("lower") - 1
+    assert first.stages["audit"]["status"] == "ran" and first.stages["audit"]["metrics"]["calibration_rows"] > 0
+    assert (first.run_dir / "05-audit" / "audit.txt").is_file()
     target = first.stages["lower"]["metrics"]["targets"]["plain-onnx-fp32"]
     assert target["backend"] == "plain-onnx" and target["parity_ok"] and not target.get("failures")
     run_dir = first.run_dir
     assert "float ONNX, nothing quantized" in (run_dir / "report.html").read_text()
     again = run(recipe)
-    assert again.stages["lower"]["status"] == "reused"
+    assert again.stages["lower"]["status"] == "reused" and again.stages["audit"]["status"] == "reused"
     assert again.stages["package"]["status"] in ("ran", "reused"), again.stages["package"]
     with tarfile.open(next((tmp_path / "dist").glob("*.tar.gz"))) as tar:
         assert any(n.endswith("plain-onnx-fp32/model.onnx") for n in tar.getnames())
+        card = tar.extractfile(next(n for n in tar.getnames() if n.endswith("MODEL_CARD.md"))).read().decode()
+    assert "- **audit**: saw " in card
 
 
 def test_openvino_lowers_int8_with_its_weights_file_and_runs_on_a_device(digits, tmp_path):
