@@ -28,6 +28,7 @@ from edge_pipeline.errors import (
     EXIT_BUDGET,
     EXIT_INTERNAL,
     EXIT_INTERRUPTED,
+    EXIT_OK,
     EXIT_UNREACHABLE,
     PipelineError,
 )
@@ -351,7 +352,7 @@ def test_command(run_dir, devices, threads, runs, warmup, timeout):
             out.print(f"FAILED {f}")
         out.print(f"{passed} passed, {len(failures)} failed")
         failed = bool(failures)
-    sys.exit(EXIT_BUDGET if failed else EXIT_UNREACHABLE if unreachable else 0)
+    sys.exit(EXIT_BUDGET if failed else EXIT_UNREACHABLE if unreachable else EXIT_OK)
 
 
 @main.command("init")

@@ -13,7 +13,8 @@ class PipelineError(Exception):
     without a traceback and exits with ``exit_code`` (2 for bad input by default).
     """
 
-    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None, exit_code: int = 2):
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None,
+                 exit_code: int = EXIT_BAD_INPUT):
         super().__init__(message)
         self.message = message
         self.where = where

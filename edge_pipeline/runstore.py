@@ -129,11 +129,6 @@ class RunStore:
         else:
             os.replace(tmp, final)
 
-    def invalidate_from(self, stage: str) -> None:
-        """Remove this stage's and every later stage's folder (their inputs are about to change)."""
-        for later in self.order[self.order.index(stage):]:
-            shutil.rmtree(self.stage_dir(later), ignore_errors=True)
-
     @contextmanager
     def lock(self) -> Iterator[None]:
         """One run at a time per run folder: a second one refuses, naming the holder's PID, instead of

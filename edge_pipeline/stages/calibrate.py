@@ -1,4 +1,4 @@
-"""Stage 3: the representative set for static int8, pinned so a release can be rebuilt bit for bit.
+"""The calibrate stage: the representative set for static int8, pinned so a release can be rebuilt bit for bit.
 
 N samples from the training split, stratified by class when there are labels, seeded; written as
 ``<name>.npz`` (x, y) and ``<name>.json`` (provenance: source, split, seed, sampling, class histogram, input

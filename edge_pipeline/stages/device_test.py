@@ -1,4 +1,4 @@
-"""Stage 5: measure every lowered artifact on every device: size, latency, memory, accuracy.
+"""The device-test stage: measure every lowered artifact on every device: size, latency, memory, accuracy.
 
 The standalone runner goes to the device with the artifact and the evaluation inputs; the device returns a
 JSON of timings and the outputs; accuracy and agreement with the fp32 teacher are computed here, on the host.

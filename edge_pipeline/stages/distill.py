@@ -1,4 +1,4 @@
-"""Stage 2: distill the teacher into a small student.
+"""The distill stage: distill the teacher into a small student.
 
 Loss: ``alpha * T^2 * KL(teacher/T || student/T) + (1 - alpha) * CE(labels)`` (soft targets only for
 unlabeled data), plus an optional hint loss between named layers through a learned 1x1 projection.
@@ -9,7 +9,6 @@ per-epoch checkpoint to resume from after a kill. Under ``torchrun`` it trains w
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edge_pipeline import distributed, progress
+from edge_pipeline import distributed
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, predict
 from edge_pipeline.interface import FlatModel, ModelInterface
@@ -26,7 +25,7 @@ from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import DistillConfig, Recipe
 from edge_pipeline.sources import Splits, build_model, is_zoo
 from edge_pipeline.stages import Stage, fmt_metric
-from edge_pipeline.training import epoch_point, loss_for, pick_device, seed_everything, tensors, warmup_cosine
+from edge_pipeline.training import fit_against_teacher, loss_for, pick_device, seed_everything
 
 
 @dataclass(frozen=True)
@@ -140,80 +139,20 @@ def distill(teacher: nn.Module, student: nn.Module, arch: dict, data: Splits, cf
         torch.cuda.set_device(distributed.rank() % torch.cuda.device_count())
     teacher.to(device).eval()
     student.to(device)
-    flat_teacher = FlatModel(teacher)
     params = list(student.parameters()) + (list(hints.proj.parameters()) if hints else [])
     if hints:
         hints.to(device)
-    train_model: nn.Module = FlatModel(student)
+    forward: nn.Module = FlatModel(student)
     if distributed.world_size() > 1:
-        train_model = nn.parallel.DistributedDataParallel(train_model)
-    loss_fn = loss_for(cfg, ev)
-    sign = 1 if ev.metric.higher_is_better else -1
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    world, rank = distributed.world_size(), distributed.rank()
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / world) / cfg.batch_size)
-    sched = warmup_cosine(opt, cfg.warmup_epochs * steps_per_epoch, cfg.epochs * steps_per_epoch)
-    t_val = ev.reference("val")
-    y_val = None if data.val.y is None else torch.from_numpy(data.val.y)
-
-    curves, best, best_score, best_epoch, start, stale = [], None, (-math.inf, -math.inf), 0, 0, 0
-    if resume is not None and resume.is_file():
-        ck = torch.load(resume, weights_only=True, map_location="cpu")
-        student.load_state_dict(ck["student"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        if hints:
-            hints.proj.load_state_dict(ck["hints"])
-        curves, best_score = json.loads(ck["curves"]), tuple(ck["best_score"])
-        start, stale, best_epoch = int(ck["epoch"]), int(ck["stale"]), int(ck["best_epoch"])
-        best = ck["best"]
-        progress.note(f"distill: resumed after epoch {start}")
-
-    with progress.task("distilling", total=cfg.epochs) as task:
-        task.advance(start)
-        for epoch in range(start, cfg.epochs):
-            train_model.train()
-            total, seen = 0.0, 0
-            # The same permutation on every rank; each takes its own stride (DistributedSampler's scheme).
-            for inputs, y in data.train.batches(cfg.batch_size, seed=cfg.seed + epoch, rank=rank, world=world):
-                xb = [t.to(device) for t in tensors(inputs)]
-                with torch.no_grad():
-                    t_b = flat_teacher(*xb)  # on the fly: a streamed split is never held in memory
-                out = train_model(*xb)
-                loss = loss_fn(out, t_b, None if y is None else torch.from_numpy(y).to(device))
-                if hints:
-                    loss = loss + cfg.hint_weight * hints.loss()
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(inputs[0])
-                seen += len(inputs[0])
-            point = epoch_point(predict(student, data.val, device=device), t_val, y_val, loss_fn, ev, epoch,
-                                total / max(1, seen))
-            curves.append(point)
-            # The metric first; the loss breaks ties. A small val split saturates at 100% within an epoch or two,
-            # and on accuracy alone the best checkpoint would be that barely distilled early epoch.
-            score = (sign * point["val_metric"], -point["val_loss"])
-            if score > best_score:
-                best_score, stale = score, 0
-                best_epoch = epoch + 1
-                best = {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
-            else:
-                stale += 1
-            if resume is not None and distributed.is_main():
-                tmp = resume.with_suffix(".tmp")
-                torch.save({"student": student.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "hints": hints.proj.state_dict() if hints else {}, "curves": json.dumps(curves),
-                            "best_score": list(best_score), "best_epoch": best_epoch, "epoch": epoch + 1,
-                            "stale": stale, "best": best}, tmp)
-                tmp.replace(resume)
-            task.advance()
-            if stale >= cfg.patience:
-                progress.note(f"distill: early stop after epoch {epoch + 1}")
-                break
-    student.load_state_dict(best)
-    return DistillResult(student.cpu().eval(), arch, curves, best_epoch)
+        forward = nn.parallel.DistributedDataParallel(forward)
+    fit = fit_against_teacher(
+        student, forward, teacher, data, loss_for(cfg, ev), ev, params=params, epochs=cfg.epochs, lr=cfg.lr,
+        weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, warmup_epochs=cfg.warmup_epochs, seed=cfg.seed,
+        device=device, description="distill", resume=resume, patience=cfg.patience,
+        extra_loss=(lambda: cfg.hint_weight * hints.loss()) if hints else None,
+        extra_state=hints.proj if hints else None, val_outputs=lambda: predict(student, data.val, device=device))
+    student.load_state_dict(fit.best)
+    return DistillResult(student.cpu().eval(), arch, fit.curves, fit.best_epoch)
 
 
 def run(ctx, out: Path) -> dict:

@@ -1,4 +1,4 @@
-"""Stage 4: lower the model to every target profile, then check each artifact in its own runtime.
+"""The lower stage: lower the model to every target profile, then check each artifact in its own runtime.
 
 Per target: export through the profile's backend, evaluate on the validation split (for choices) and the
 test split (for reporting), and a parity check on golden inputs against the PyTorch model it came from. An

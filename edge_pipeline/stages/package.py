@@ -1,4 +1,4 @@
-"""Stage 6: the release bundle ``dist/<name>-<version>/``, its byte-reproducible ``.tar.gz``, and beside it
+"""The package stage: the release bundle ``dist/<name>-<version>/``, its byte-reproducible ``.tar.gz``, and beside it
 what was measured of that archive.
 
 Built from a finished run folder alone (its stage folders and their stage.json), so ``edge-pipeline package

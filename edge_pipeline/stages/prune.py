@@ -1,4 +1,4 @@
-"""Stage 1: structured pruning with torch-pruning's dependency graph, so tensors really shrink.
+"""The prune stage: structured pruning with torch-pruning's dependency graph, so tensors really shrink.
 
 Residual adds, concatenations, depthwise convs and batch norms are kept consistent by the graph. A target is
 a channel ratio or a budget (``max_macs``/``max_params``: a fraction of the teacher when <= 1, else absolute),

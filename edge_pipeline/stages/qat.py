@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge_pipeline import distributed, progress
+from edge_pipeline import distributed
 from edge_pipeline.backends import backends, get_backend, pt2e
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, example_inputs, predict, run_artifact
@@ -36,7 +35,7 @@ from edge_pipeline.interface import FlatModel
 from edge_pipeline.recipe import QatConfig
 from edge_pipeline.stages import Stage
 from edge_pipeline.targets import Profile, load_profile, targets_config
-from edge_pipeline.training import epoch_point, loss_for, pick_device, seed_everything, tensors, warmup_cosine
+from edge_pipeline.training import fit_against_teacher, loss_for, pick_device, seed_everything
 
 STATE_FILE = "qat_state.pt"  # per target folder: the trained prepared graph's state_dict (tensors only)
 
@@ -114,66 +113,24 @@ def train(model: nn.Module, teacher: nn.Module, quantizer, calibration, ev: Eval
     allow_exported_model_train_eval(prepared)  # .train()/.eval() swap BatchNorm and dropout as for a module
     batch = min(cfg.batch_size, max_batch)
     prepared.to(device)
-    flat_teacher = FlatModel(teacher).to(device).eval()
-    world, rank = distributed.world_size(), distributed.rank()
-    train_model: nn.Module = prepared
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(prepared)
-    opt = torch.optim.AdamW(prepared.parameters(), lr=cfg.lr, weight_decay=0.0)
-    steps_per_epoch = math.ceil(math.ceil(len(data.train) / world) / batch)
-    sched = warmup_cosine(opt, 0, cfg.epochs * steps_per_epoch)
-    sign = 1 if ev.metric.higher_is_better else -1
-    t_val = ev.reference("val")
-    y_val = None if data.val.y is None else torch.from_numpy(data.val.y)
+    forward: nn.Module = prepared
+    if distributed.world_size() > 1:
+        forward = nn.parallel.DistributedDataParallel(prepared)
 
-    curves, best, best_score, best_epoch, start = [], None, (-math.inf, -math.inf), 0, 0
-    if resume is not None and resume.is_file():
-        ck = torch.load(resume, weights_only=True, map_location="cpu")
-        prepared.load_state_dict(ck["state"])
-        opt.load_state_dict(ck["opt"])
-        sched.load_state_dict(ck["sched"])
-        curves, best_score = json.loads(ck["curves"]), tuple(ck["best_score"])
-        start, best_epoch, best = int(ck["epoch"]), int(ck["best_epoch"]), ck["best"]
-        progress.note(f"{description}: resumed after epoch {start}")
+    def start_epoch(epoch: int) -> None:
+        move_exported_model_to_train(prepared)
+        if epoch >= cfg.freeze_bn_epoch:
+            pt2e.freeze_batch_norm(prepared)
+        if epoch >= cfg.freeze_observers_epoch:
+            prepared.apply(disable_observer)
 
-    with progress.task(description, total=cfg.epochs) as task:
-        task.advance(start)
-        for epoch in range(start, cfg.epochs):
-            move_exported_model_to_train(prepared)
-            if epoch >= cfg.freeze_bn_epoch:
-                pt2e.freeze_batch_norm(prepared)
-            if epoch >= cfg.freeze_observers_epoch:
-                prepared.apply(disable_observer)
-            total, seen = 0.0, 0
-            for inputs, y in data.train.batches(batch, seed=cfg.seed + epoch, rank=rank, world=world):
-                if len(inputs[0]) < 2:
-                    continue  # a last batch of one row: BatchNorm in training mode cannot use it
-                xb = [t.to(device) for t in tensors(inputs)]
-                with torch.no_grad():
-                    t_b = flat_teacher(*xb)
-                loss = loss_fn(train_model(*xb), t_b, None if y is None else torch.from_numpy(y).to(device))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(inputs[0])
-                seen += len(inputs[0])
-            # The fake-quantized model as lower will convert it: BatchNorm on running statistics, no dropout.
-            s_val = predict(copy.deepcopy(prepared).eval(), data.val, batch_size=batch, device=device)
-            point = epoch_point(s_val, t_val, y_val, loss_fn, ev, epoch, total / max(1, seen))
-            curves.append(point)
-            score = (sign * point["val_metric"], -point["val_loss"])  # as distill: the metric, then the loss
-            if score > best_score:
-                best_score, best_epoch = score, epoch + 1
-                best = {k: v.detach().cpu().clone() for k, v in prepared.state_dict().items()}
-            if resume is not None and distributed.is_main():
-                tmp = resume.with_suffix(".tmp")
-                torch.save({"state": prepared.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                            "curves": json.dumps(curves), "best_score": list(best_score), "best_epoch": best_epoch,
-                            "epoch": epoch + 1, "best": best}, tmp)
-                tmp.replace(resume)
-            task.advance()
-    return QatResult(best, curves, best_epoch)
+    fit = fit_against_teacher(
+        prepared, forward, teacher, data, loss_fn, ev, params=prepared.parameters(), epochs=cfg.epochs, lr=cfg.lr,
+        weight_decay=0.0, batch_size=batch, warmup_epochs=0, seed=cfg.seed, device=device, description=description,
+        resume=resume, start_epoch=start_epoch, min_batch=2,
+        # The fake-quantized model as lower will convert it: BatchNorm on running statistics, no dropout.
+        val_outputs=lambda: predict(copy.deepcopy(prepared).eval(), data.val, batch_size=batch, device=device))
+    return QatResult(fit.best, fit.curves, fit.best_epoch)
 
 
 def run(ctx, out: Path) -> dict:

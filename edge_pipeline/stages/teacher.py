@@ -1,4 +1,4 @@
-"""Stage 0: the teacher. A zoo architecture is trained here, deterministically; a user's callable is taken
+"""The teacher stage: the teacher. A zoo architecture is trained here, deterministically; a user's callable is taken
 as already trained (optionally with ``weights`` loaded from a state_dict file)."""
 
 from __future__ import annotations
