@@ -32,6 +32,7 @@ from edge_pipeline.errors import (
     EXIT_UNREACHABLE,
     PipelineError,
 )
+from edge_pipeline.profiles import overhead_line
 from edge_pipeline.stages import stages
 
 # Outside a terminal (CI logs, pipes) rich would wrap tables at 80 columns; use COLUMNS or a wide default.
@@ -306,6 +307,11 @@ def _print_targets(con: Console, results: dict, title: str, lowered: dict | None
     con.print(table)
     for i, note in enumerate(notes, 1):
         con.print(f"({i}) {note}", style="yellow", highlight=False)
+    for target, by in results.items():  # where each int8 target's time goes that is not the model's own
+        if "int8" in (lowered or {}).get(target, {}).get("precision", ""):
+            for device, m in by.items():
+                if line := overhead_line(target, device, m.get("profile")):
+                    con.print(line, highlight=False)
 
 
 @main.command("test")

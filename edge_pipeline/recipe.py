@@ -100,6 +100,7 @@ class DeviceTestConfig(_Strict):
     warmup: int = Field(10, ge=0)
     threads: int | None = Field(None, ge=1)  # None: each target profile's own thread count
     timeout_s: float = Field(300, gt=0)
+    profile: bool = True  # each target's per-operator profile, from its runtime's own profiler
 
 
 class PackageConfig(_Strict):

@@ -287,6 +287,47 @@ def _metric(run_dir: Path) -> str:
     return (rec[1]["metrics"].get("metric") if rec else None) or "metric"
 
 
+OVERHEAD_COLORS = {"pad": "#c44e52", "convert": "#dd8452", "transpose": "#8172b3", "copy": "#937860"}
+
+
+def _profile_bars(results: dict, targets: dict) -> str | None:
+    """Per target x device, where the operator time goes: the model's own ops and each overhead class, stacked,
+    int8 beside fp32 of the same backend; the targets with no profile listed with the reason."""
+    rows, missing = [], []
+    for target in sorted(results, key=lambda t: (targets.get(t, {}).get("backend", ""), t)):
+        for device, m in results[target].items():
+            prof = m.get("profile") or {}
+            if "summary" in prof:
+                rows.append((f"{target}\n{device}", prof["summary"]))
+            elif "unavailable" in prof:
+                missing.append(f"{target} on {device}: {prof['unavailable']}")
+    if not rows and not missing:
+        return None
+    parts = []
+    if rows:
+        fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(rows)))
+        for i, (_, s) in enumerate(rows):
+            left = (1 - s["overhead_share"]) * s["total_ms"]
+            ax.barh(i, left, color="#4c72b0", label="model's own ops" if i == 0 else None)
+            for cls, share in s["overhead"].items():
+                ms = share * s["total_ms"]
+                ax.barh(i, ms, left=left, color=OVERHEAD_COLORS.get(cls, "#999999"),
+                        label=cls if cls not in ax.get_legend_handles_labels()[1] else None)
+                left += ms
+            top = s["top_kinds"][0] if s["top_kinds"] else None
+            ax.text(left, i, f"  {s['total_ms']:.3f} ms" + (f"; most: {top['kind'][:40]} {top['share']:.0%}"
+                                                              if top else ""), va="center", fontsize=7)
+        ax.set_yticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("operator time per inference (ms, sum of the runtime profiler's per-op medians)")
+        ax.legend(fontsize=7, loc="lower right")
+        parts.append(_figure("Where the time goes: each runtime's own per-operator profile, the model's ops and "
+                             "the overhead (pads, converts/quantize/dequantize, layout transposes)", fig))
+    if missing:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in missing) + "</ul>")
+    return "<h2>Per-operator profiles</h2>" + "".join(parts)
+
+
 def _release_line(release: dict | None) -> str:
     if not release:
         return ""
@@ -302,6 +343,7 @@ def write_report(run_dir: Path, dest: Path, release: dict | None = None) -> Path
     dev = find_stage(run_dir, "device-test")
     results = dev[1]["metrics"]["results"] if dev else {}
     sections = [s for s in (_waterfall(run_dir, targets), _device_bars(results), _scatter(results, _metric(run_dir)),
+                            _profile_bars(results, targets),
                             _prune_scan(run_dir), _distill_curves(run_dir), _qat_table(run_dir, targets),
                             _quant_sensitivity(targets)) if s]
     title = f"edge-pipeline report: {run_dir.parent.name}/{run_dir.name}"

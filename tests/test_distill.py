@@ -13,7 +13,8 @@ from torch import nn
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.recipe import DistillConfig
 from edge_pipeline.sources import build_model
-from edge_pipeline.stages.distill import distill, kd_loss
+from edge_pipeline.stages.distill import distill
+from edge_pipeline.training import kd_loss
 
 ARCH = {"source": "zoo:digits-cnn", "num_classes": 10, "in_channels": 1, "width": 0.25}
 

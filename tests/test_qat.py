@@ -71,13 +71,16 @@ def test_qat_resumes_after_sigkill_to_the_same_trained_state(write_recipe, tmp_p
 
 
 def test_a_backend_without_a_qat_quantizer_is_refused_before_any_work(write_recipe, tmp_path, monkeypatch):
+    import dataclasses
+
     from edge_pipeline.backends import tflite
 
-    monkeypatch.delattr(tflite, "qat_quantizer")
+    monkeypatch.setattr(tflite, "BACKEND", dataclasses.replace(tflite.BACKEND, qat=False,
+                                                               notes={"qat": "no fake quantizers"}))
     path = _qat_recipe(write_recipe, ["executorch-xnnpack-int8", "tflite-int8"])
     with pytest.raises(PipelineError) as err:
         run(path)
-    assert "backend 'tflite' (target tflite-int8) has no QAT quantizer" in str(err.value)
+    assert "backend tflite has no qat: no fake quantizers (target tflite-int8)" in str(err.value)
     assert "qat" in err.value.where and "qat.mode: off" in err.value.hint
     assert not (tmp_path / "runs" / "tiny" / "default" / "00-teacher").exists(), "refused before training"
 

@@ -35,7 +35,7 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
     # (XNNPACK's qd8 GEMM, which takes per-channel weights only); float where one scale per tensor is asked.
     per_channel = profile.quantization.per_channel
     head = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True) if per_channel else None
-    return q if default else pt2e.FusedActivations(q, output_layers=head)
+    return q if default else pt2e.FusedActivations(q, output_layers=head, pads_into_convs=True)
 
 
 def qat_quantizer(profile: Profile):

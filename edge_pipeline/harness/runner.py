@@ -6,6 +6,7 @@ so it imports only numpy and the runtime the artifact needs (the runtime module 
 which), never the rest of edge_pipeline.
 
     python runner.py MODEL INPUTS.npz OUT.json [--threads N] [--runs N] [--warmup N] [--outputs OUT.npz] [--pin]
+                     [--profile]
 
 INPUTS.npz holds ``input_0``, ``input_1``, ... (or ``x`` alone): one inference per row. Latency is timed on
 row 0; every row is run once for the outputs (``output_0``, ...) that accuracy is computed from on the host.
@@ -207,7 +208,7 @@ def model_memory(before: int | None, loaded: int | None, ran: int | None) -> dic
 
 
 def measure(model_path: str, x: list[np.ndarray], threads: int = 1, runs: int = 50,
-            warmup: int = 5, pin: bool = False) -> tuple[dict, list[np.ndarray]]:
+            warmup: int = 5, pin: bool = False, profile: bool = False) -> tuple[dict, list[np.ndarray]]:
     if pin and threads == 1:
         pin_to_one_core()
     _import_runtime(model_path)
@@ -235,7 +236,29 @@ def measure(model_path: str, x: list[np.ndarray], threads: int = 1, runs: int = 
               "init_ms": init_ms, "first_inference_ms": first_ms, "latency": latency_stats(times),
               "memory": model_memory(rss_before, rss_loaded, rss_ran), "peak_rss_bytes": _peak_rss_bytes(),
               "conditions": conditions(threads), "samples": len(x[0])}
+    if profile:
+        result["profile"] = op_profile(model_path, row, threads)
     return result, outputs
+
+
+PROFILE_RUNS = 10
+
+
+def op_profile(model_path: str, row: list[np.ndarray], threads: int, runs: int = PROFILE_RUNS) -> dict:
+    """The runtime's own per-operator profile of one row (``ops``: name, kind, median ms, overhead class), in a
+    fresh load of the model after the timed runs; or ``unavailable`` with the reason."""
+    import tempfile
+
+    mod = runtime_for(model_path)
+    if not hasattr(mod, "profile"):
+        return {"unavailable": f"no per-operator profile for {os.path.splitext(model_path)[1]} files on this device "
+                               f"kind: {getattr(mod, 'NO_PROFILE', 'its Python runtime has no operator profiler')}"}
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            ops = mod.profile(model_path, row, threads, runs, folder)
+        except Exception as e:  # noqa: BLE001 - a profiler that fails costs the profile, not the measurement
+            return {"unavailable": f"profiler failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+    return {"ops": ops, "runs": runs}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,9 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--outputs", help="write the outputs of every input row to this .npz")
     ap.add_argument("--pin", action="store_true", help="with --threads 1: pin the process to one core")
+    ap.add_argument("--profile", action="store_true", help="add the runtime's per-operator profile of one row")
     a = ap.parse_args(argv)
     try:
-        result, outputs = measure(a.model, load_inputs(a.inputs), a.threads, a.runs, a.warmup, a.pin)
+        result, outputs = measure(a.model, load_inputs(a.inputs), a.threads, a.runs, a.warmup, a.pin,
+                                  a.profile)
     except RuntimeMissing as e:
         print(e, file=sys.stderr)
         return 3

@@ -26,3 +26,27 @@ def open_model(path: str, threads: int):
         return [np.array(result[o]) for o in compiled.outputs]
 
     return "openvino", run
+
+
+OVERHEAD_OPS = {"Pad": "pad", "Convert": "convert", "FakeQuantize": "convert", "Reorder": "transpose",
+                "Transpose": "transpose"}
+
+
+def profile(path: str, inputs, threads: int, runs: int, folder: str) -> list[dict]:
+    """Per-node times from OpenVINO's CPU plugin (``PERF_COUNT``): each executed node's median over ``runs``
+    inferences, its kind the plugin's node type (with the kernel it ran, e.g. ``jit_avx2_I8``)."""
+    import openvino as ov
+
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                      "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    times: dict[str, list[float]] = {}
+    kinds: dict[str, str] = {}
+    for _ in range(runs):
+        request.infer(list(inputs))
+        for p in request.get_profiling_info():
+            if p.status == p.Status.EXECUTED:
+                times.setdefault(p.node_name, []).append(p.real_time.total_seconds() * 1e3)
+                kinds[p.node_name] = f"{p.node_type} ({p.exec_type})"
+    return [{"name": n, "kind": kinds[n], "ms": sorted(t)[len(t) // 2],
+             "overhead": OVERHEAD_OPS.get(kinds[n].split(" (")[0])} for n, t in times.items()]

@@ -7,6 +7,9 @@ import numpy as np
 
 SUFFIXES = (".tflite",)
 SIDECARS = ()
+# No profile(): LiteRT's Python interpreter has no operator profiler (on a phone, the adb device's benchmark_model
+# --enable_op_profiling gives one).
+NO_PROFILE = "LiteRT's Python interpreter has no operator profiler"
 
 
 def load() -> None:

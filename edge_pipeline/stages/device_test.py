@@ -21,19 +21,21 @@ from edge_pipeline.devices import open_device, parse_device
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator
 from edge_pipeline.harness import runner
+from edge_pipeline.profiles import summarize
 from edge_pipeline.stages import Stage
 from edge_pipeline.targets import Profile, load_profile, platform_notes
 
 
 def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, runs: int,
-                      warmup: int, pin: bool = False, harness_pushed: bool = False) -> tuple[dict, list[np.ndarray]]:
+                      warmup: int, pin: bool = False, harness_pushed: bool = False,
+                      profile: bool = False) -> tuple[dict, list[np.ndarray]]:
     """The standalone runner on the device: the artifact (and, unless ``harness_pushed``, the runner and the
     inputs, which a device needs only once for all its targets) go over, the timings and outputs come back."""
     files = artifact_files(artifact)
     device.push(files if harness_pushed else [*harness.files(), *files, inputs_npz])
     argv = [device.python, harness.RUNNER.name, artifact.name, inputs_npz.name, "result.json",
             "--threads", str(threads), "--runs", str(runs), "--warmup", str(warmup), "--outputs", "outputs.npz",
-            *(["--pin"] if pin else [])]
+            *(["--pin"] if pin else []), *(["--profile"] if profile else [])]
     code, out, err = device.run(argv, f"run {artifact.name}")
     if code != 0:
         raise PipelineError(f"runner exited with {code} on {artifact.name}: {(err or out).strip()[-600:]}",
@@ -44,6 +46,8 @@ def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, ru
         device.pull("outputs.npz", Path(tmp) / "outputs.npz")
         result = json.loads((Path(tmp) / "result.json").read_text())
         outputs = runner.load_outputs(str(Path(tmp) / "outputs.npz"))
+    if result.get("profile", {}).get("ops"):
+        result["profile"]["summary"] = summarize(result["profile"]["ops"])
     return result, outputs
 
 
@@ -88,7 +92,7 @@ def check_budgets(profile: Profile, m: dict) -> list[str]:
 
 
 def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], ev: Evaluator,
-                 threads: int | None, runs: int, warmup: int, timeout: float) -> dict:
+                 threads: int | None, runs: int, warmup: int, timeout: float, profile: bool = False) -> dict:
     """Every target x device; returns {"results": {target: {device: metrics}}, "failed_targets": [...],
     "unreachable_devices": {device: why}}. The test split's outputs come back from the device and are scored here
     with the recipe's metric. A device that cannot be reached fails no target's budget: it is reported as such."""
@@ -138,7 +142,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                                 m["failures"] = check_budgets(p, m) + tool_failures(m, p)
                             else:
                                 m, outputs = measure_on_device(device, artifact, inputs, threads or p.threads, runs,
-                                                               warmup, harness_pushed=True)
+                                                               warmup, harness_pushed=True, profile=profile)
                                 m.update(ev.figures(outputs, "test"))
                                 m["metric_drop"] = ev.metric.drop(m["test_metric"], float_metric)
                                 m["failures"] = check_budgets(p, m)
@@ -170,7 +174,7 @@ def run(ctx, out: Path) -> dict:
     cfg = ctx.recipe.device_test
     profiles = [load_profile(t) for t in ctx.recipe.targets]
     res = test_targets(ctx.stage_dir("lower"), ctx.metrics["lower"], profiles, ctx.recipe.devices, ctx.evaluator,
-                       cfg.threads, cfg.runs, cfg.warmup, cfg.timeout_s)
+                       cfg.threads, cfg.runs, cfg.warmup, cfg.timeout_s, cfg.profile)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
 

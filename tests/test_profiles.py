@@ -1,0 +1,80 @@
+"""Per-operator profiles from each runtime's own profiler, and what they are used for: no float pad and no
+convert left inside an int8 ExecuTorch graph."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edge_pipeline.backends import get_backend
+from edge_pipeline.harness import runner
+from edge_pipeline.interface import FlatModel, discover
+from edge_pipeline.profiles import overhead_line, summarize
+from edge_pipeline.targets import load_profile
+
+
+class PadThenStride(nn.Module):
+    """TF-style "same" padding: an explicit asymmetric zero pad before a strided depthwise convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, groups=16)
+        self.pw = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.pw(F.relu(self.dw(F.pad(x, (0, 1, 0, 1)))))
+
+
+def _lowered(tmp_path, target: str, model: nn.Module, x: np.ndarray):
+    iface = discover(model, (x[:1],))
+    out = tmp_path / target
+    out.mkdir()
+    path = get_backend(load_profile(target).backend).export(FlatModel(model), (torch.from_numpy(x[:1]),), (x,),
+                                                           load_profile(target), out, iface, fixtures=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pad_model():
+    torch.manual_seed(0)
+    return PadThenStride().eval(), np.random.default_rng(0).random((48, 3, 16, 16), dtype=np.float32)
+
+
+@pytest.mark.parametrize("target", ["executorch-xnnpack-int8", "ort-mobile-int8", "openvino-cpu-int8"])
+def test_each_runtime_profiles_its_own_operators(pad_model, tmp_path, target):
+    model, x = pad_model
+    path = _lowered(tmp_path, target, model, x)
+    prof = runner.op_profile(str(path), [x[:1]], threads=1, runs=3)
+    assert "ops" in prof, prof
+    assert all(o["ms"] >= 0 and o["kind"] for o in prof["ops"])
+    kinds = " ".join(o["kind"] for o in prof["ops"])
+    assert "onv" in kinds, kinds  # Convolution / QLinearConv / ConvInteger: the model's own ops are there
+    s = summarize(prof["ops"])
+    assert s["total_ms"] > 0 and 0 <= s["overhead_share"] <= 1 and s["top_kinds"][0]["share"] > 0
+    assert overhead_line(target, "local", {**prof, "summary": s}).startswith(f"{target} on local: ")
+
+
+def test_litert_says_it_has_no_profile_here(pad_model, tmp_path):
+    model, x = pad_model
+    path = _lowered(tmp_path, "tflite-int8", model, x)
+    prof = runner.op_profile(str(path), [x[:1]], threads=1)
+    assert prof["unavailable"].startswith("no per-operator profile for .tflite files on this device kind")
+
+
+def test_a_pad_before_a_strided_conv_runs_int8_in_executorch(pad_model, tmp_path):
+    """The pad goes into the convolution (XNNPACK takes asymmetric padding): the profile has no pad and no
+    convert but the input's quantize and the output's dequantize; the outputs still match the float model."""
+    model, x = pad_model
+    path = _lowered(tmp_path, "executorch-xnnpack-int8", model, x)
+    ops = runner.op_profile(str(path), [x[:1]], threads=1, runs=3)["ops"]
+    assert not [o for o in ops if o["overhead"] == "pad"], ops
+    assert len([o for o in ops if o["overhead"] == "convert"]) == 2, [o["name"] for o in ops]
+    artifact = runner.Model(str(path), 1)
+    got = np.concatenate([artifact.run([x[i:i + 1]])[0] for i in range(8)])  # batch 1, as it ships
+    with torch.no_grad():
+        want = model(torch.from_numpy(x[:8])).numpy()
+    cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cos > 0.99, cos
