@@ -89,7 +89,7 @@ def lowered(tmp_path_factory, digits):
     return out, lower_all(model, profiles, evaluator_for(model, digits), digits.train.x[:8], out), profiles
 
 
-def _test(lowered, digits, devices, timeout=120):
+def _test(lowered, digits, devices, timeout=120, profile=False):
     from edge_pipeline.sources.data import ArraySplit, Splits
     from edge_pipeline.stages.device_test import test_targets
 
@@ -97,7 +97,7 @@ def _test(lowered, digits, devices, timeout=120):
     few = Splits(digits.train, digits.val, ArraySplit((digits.test.x[:20],), digits.test.y[:20]), digits.classes,
                  digits.source)
     return test_targets(out, metrics, profiles, devices, evaluator_for(_model(), few), threads=1, runs=5, warmup=1,
-                        timeout=timeout)
+                        timeout=timeout, profile=profile)
 
 
 def test_local_device_measures_every_target(lowered, digits, monkeypatch):
@@ -201,7 +201,7 @@ def lowered_int8(tmp_path_factory, digits):
 
 def test_adb_runs_each_runtimes_own_tool_and_reports_p50(lowered_int8, digits, adb_phone):
     spec, phone = adb_phone
-    res = _test(lowered_int8, digits, [spec, "local"])  # two devices, measured in parallel
+    res = _test(lowered_int8, digits, [spec, "local"], profile=True)  # two devices, measured in parallel
     assert res["unreachable_devices"] == {}
     assert all(res["results"][t]["local"]["agreement_with_teacher"]["worst"]["cosine"] > 0.9
                for t in res["results"]), "local: the whole evaluation split, scored here"
@@ -222,6 +222,14 @@ def test_adb_runs_each_runtimes_own_tool_and_reports_p50(lowered_int8, digits, a
     # An arm-optimized ORT file measured on this (x86) stand-in says its latency is not the target's.
     assert by["ort-mobile-int8"]["notes"] or not by["ort-mobile-int8"]["conditions"]["arch"].startswith("x86")
     assert not any(phone.rglob("*.pte")) and not any(phone.rglob("*.bpte")), "the phone is cleaned up"
+    # Per-operator profiles: LiteRT's from benchmark_model's table on the phone, ExecuTorch's and ORT's from their
+    # own profilers on this host; where a tool prints none, the result says so instead of inventing one.
+    tfl = by["tflite-int8"]["profile"]
+    assert tfl["source"] == "benchmark_model --enable_op_profiling=true" and tfl["summary"]["ops"] > 0, tfl
+    assert by["executorch-xnnpack-int8"]["profile"]["unavailable"].startswith("no per-operator profile from")
+    for target in ("executorch-xnnpack-int8", "ort-mobile-int8"):
+        assert res["results"][target]["local"]["profile"]["summary"]["total_ms"] > 0
+    assert "unavailable" in res["results"]["tflite-int8"]["local"]["profile"]
 
 
 def test_adb_reports_a_failed_bundled_check_and_a_missing_tool(lowered_int8, digits, adb_phone, tmp_path):
@@ -249,3 +257,20 @@ def test_adb_reports_a_failed_bundled_check_and_a_missing_tool(lowered_int8, dig
     tfl = res["results"]["tflite-int8"][spec]
     assert "no benchmark_model binary given" in tfl["error"] and "?benchmark_model=PATH" in tfl["error"]
     assert "executorch-xnnpack-int8" in res["failed_targets"] and "ort-mobile-int8" not in res["failed_targets"]
+
+
+def test_parse_benchmark_model_op_profile():
+    """LiteRT's per-operator table (--enable_op_profiling=true), in the format of the real tool's output: the
+    benchmark run's table, not the initialization's; set-up rows (times called 0) left out."""
+    from edge_pipeline.backends.tflite import parse_op_profile
+    from edge_pipeline.profiles import summarize
+
+    ops = parse_op_profile((FIXTURES / "benchmark_model_op_profiling.txt").read_text())
+    assert [o["kind"] for o in ops][:3] == ["Convert (NC)", "Convolution (NHWC, QC8) IGEMM", "Constant Pad (ND, X8)"]
+    assert len(ops) == 7 and ops[1]["ms"] == pytest.approx(0.598)
+    assert [o["overhead"] for o in ops] == ["convert", None, "pad", None, None, None, "convert"]
+    s = summarize(ops)
+    assert s["top_kinds"][0]["kind"] == "Convolution (NHWC, QC8) IGEMM"
+    assert s["overhead_share"] == pytest.approx((0.030 + 0.040 + 0.018) / sum(o["ms"] for o in ops))
+    with pytest.raises(ValueError, match="no 'Run Order' table"):
+        parse_op_profile("INFO: Inference timings in us: Init: 1, First inference: 2")

@@ -33,6 +33,8 @@ class DeviceTool:
     argv: Callable[[str, Path, int, int, int], list[str]]  # (tool path, target folder, threads, runs, warmup)
     parse: Callable[[str], dict]  # its printed output -> the runner's result schema
     writes_outputs: bool = False  # output-<i>.bin files to pull and compare (ExecuTorch's executor_runner)
+    profile_flags: tuple[str, ...] = ()  # what makes it print a per-operator profile
+    parse_profile: Callable[[str], list[dict]] | None = None  # that profile -> rows (name, kind, ms, overhead)
 
 
 @dataclass(frozen=True)

@@ -160,8 +160,37 @@ def _tool_argv(tool: str, target_dir: Path, threads: int, runs: int, warmup: int
             f"--warmup_runs={warmup}", "--input_layer=" + ",".join(names), "--input_layer_value_files=" + files]
 
 
+# What compute nothing of the model's: LiteRT's own kernels and XNNPACK's (the delegate's ops are named by it).
+OVERHEAD_OPS = (("PAD", "pad"), ("Constant Pad", "pad"), ("QUANTIZE", "convert"), ("DEQUANTIZE", "convert"),
+                ("Convert", "convert"), ("TRANSPOSE", "transpose"), ("Transpose", "transpose"), ("Copy", "copy"))
+
+
+def parse_op_profile(text: str) -> list[dict]:
+    """``benchmark_model --enable_op_profiling=true``: the benchmark run's "Run Order" table (the last one: the
+    first is the initialization's), one row per executed node (``times called`` > 0): node type, average ms,
+    name; XNNPACK's ops inside the delegate are listed by their own names."""
+    tables = re.findall(r"=+ Run Order =+\n(.*?)(?:\n\s*\n|\Z)", text, re.S)
+    if not tables:
+        raise ValueError("no 'Run Order' table in benchmark_model output (was --enable_op_profiling=true given?)")
+    lines = tables[-1].splitlines()
+    header = [h.strip() for h in re.findall(r"\[([^\]]+)\]", lines[0])]
+    rows = []
+    for line in lines[1:]:
+        cells = [c.strip() for c in line.strip().split("\t")]
+        if len(cells) != len(header):
+            continue
+        row = dict(zip(header, cells, strict=True))
+        if int(row.get("times called", "1")) == 0:
+            continue  # set-up work (AllocateTensors), not a run's
+        kind = row["node type"]
+        rows.append({"name": row["Name"], "kind": kind, "ms": float(row["avg ms"]),
+                     "overhead": next((c for p, c in OVERHEAD_OPS if kind.startswith(p)), None)})
+    return rows
+
+
 DEVICE_TOOL = DeviceTool("benchmark_model", lambda d: [d / "model.tflite", *_tool_inputs(d)[1]], _tool_argv,
-                         parse_benchmark_model)
+                         parse_benchmark_model, profile_flags=("--enable_op_profiling=true",),
+                         parse_profile=parse_op_profile)
 
 
 BACKEND = Backend(

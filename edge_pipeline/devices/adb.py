@@ -108,7 +108,8 @@ class ADBDevice:
         self.tools[tool.name] = given
         return tool
 
-    def benchmark(self, backend: str, target_dir: Path, threads: int, runs: int, warmup: int) -> tuple[dict, list]:
+    def benchmark(self, backend: str, target_dir: Path, threads: int, runs: int, warmup: int,
+                  profile: bool = False) -> tuple[dict, list]:
         """The runtime's own benchmark binary on the artifact and its golden input; its output parsed into the
         runner's result schema, plus the outputs the tool wrote, where it writes them."""
         tool = self.tool(backend)
@@ -123,7 +124,20 @@ class ADBDevice:
         outputs = self._pull_outputs(folder, target_dir) if tool.writes_outputs else []
         result.update(artifact=target_dir.name, runtime=tool.name, runtime_version=None, tool=argv[0],
                       command=" ".join(argv))
+        if profile:
+            result["profile"] = self._profile(tool, folder, argv)
         return result, outputs
+
+    def _profile(self, tool: DeviceTool, folder: str, argv: list[str]) -> dict:
+        """The tool's own per-operator profile, in an invocation of its own (profiling slows the timed runs)."""
+        if tool.parse_profile is None:
+            return {"unavailable": f"no per-operator profile from {tool.name} on this device kind"}
+        code, out, err = self.run([*argv, *tool.profile_flags], f"profile with {tool.name}", cwd=folder)
+        try:
+            ops = tool.parse_profile(out + "\n" + err)
+        except ValueError as e:
+            return {"unavailable": f"{tool.name} gave no profile (exit {code}): {e}"}
+        return {"ops": ops, "source": f"{tool.name} {' '.join(tool.profile_flags)}"}
 
     def _invoke(self, tool: DeviceTool, folder: str, argv: list[str]) -> dict:
         code, out, err = self.run(argv, f"run {tool.name}", cwd=folder)

@@ -52,13 +52,15 @@ def measure_on_device(device, artifact: Path, inputs_npz: Path, threads: int, ru
 
 
 def measure_with_tool(device, profile: Profile, artifact: Path, ev: Evaluator, threads: int, runs: int,
-                      warmup: int) -> dict:
+                      warmup: int, op_profile: bool = False) -> dict:
     """A phone over adb: the runtime's own benchmark binary on the golden input. The outputs the tool writes
     (ExecuTorch's) are compared with this machine's run of the same artifact on the same input."""
     from edge_pipeline.evaluation import agreement, run_artifact
     from edge_pipeline.sources.data import ArraySplit
 
-    m, outputs = device.benchmark(profile.backend, artifact.parent, threads, runs, warmup)
+    m, outputs = device.benchmark(profile.backend, artifact.parent, threads, runs, warmup, op_profile)
+    if m.get("profile", {}).get("ops"):
+        m["profile"]["summary"] = summarize(m["profile"]["ops"])
     m["size_bytes"] = artifact_bytes(artifact)
     m["accuracy"] = ("golden input only: the runtime's own tool runs one input, not the evaluation split "
                      "(the split's accuracy is the lower stage's, on this machine's runtime)")
@@ -137,7 +139,8 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
                         artifact = lower_dir / tm["artifact"]
                         try:
                             if uses_tools:
-                                m = measure_with_tool(device, p, artifact, ev, threads or p.threads, runs, warmup)
+                                m = measure_with_tool(device, p, artifact, ev, threads or p.threads, runs, warmup,
+                                                      profile)
                                 m["conditions"] = {"arch": abi, "threads": threads or p.threads}
                                 m["failures"] = check_budgets(p, m) + tool_failures(m, p)
                             else:
