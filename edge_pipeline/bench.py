@@ -280,12 +280,25 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
             "qat": qat_summary(run_dir, lower)}
 
 
+INT8_FEATURES = ("avx512_vnni", "avx_vnni", "amx_int8", "asimddp", "i8mm")  # int8 dot-product instructions
+
+
+def int8_features() -> list[str]:
+    """The int8 dot-product instructions /proc/cpuinfo lists (x86: VNNI, AMX; arm: dot product, i8mm): int8
+    pays off much more where they exist, so every latency ratio is read beside them."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in INT8_FEATURES if f in flags]
+
+
 def machine() -> dict:
     import onnxruntime
 
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": cpu, "arch": platform.machine(), "cores": os.cpu_count(), "int8_features": int8_features(),
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "date": time.strftime("%Y-%m-%d")}
 
@@ -298,6 +311,7 @@ def to_markdown(doc: dict) -> str:
     m = doc["machine"]
     lines = ["# Benchmarks", "",
              f"Measured by `edge-pipeline bench` on {m['date']}: {m['cpu']} ({m['arch']}), {m['cores']} cores, "
+             f"int8 dot-product instructions: {', '.join(m.get('int8_features') or []) or 'none'}, "
              f"{m['os']}, Python {m['python']}, torch {m['torch']}, onnxruntime {m['onnxruntime']}. Each artifact "
              f"was timed in {ROUNDS} fresh runner processes, interleaved with the other artifacts (up to {RUNS} "
              f"timed runs after up to {WARMUP} warm-up each, batch 1, fewer for big models: see each recipe); a p50 "

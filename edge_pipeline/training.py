@@ -208,7 +208,7 @@ def fit_against_teacher(model: nn.Module, forward: nn.Module, teacher: nn.Module
             else:
                 stale += 1
             if resume is not None and distributed.is_main():
-                tmp = resume.with_suffix(".tmp")
+                tmp = resume.with_name(f".partial{resume.name}")  # not matched by a glob for the checkpoint
                 torch.save({"state": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                             "extra": extra_state.state_dict() if extra_state is not None else {},
                             "curves": json.dumps(curves), "best_score": list(best_score), "best_epoch": best_epoch,

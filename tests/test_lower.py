@@ -159,7 +159,7 @@ def test_accuracy_aware_fallback_keeps_the_sensitive_layer_in_float(digits, tmp_
     assert t["fallback"]["size_cost_bytes"] > 0
     assert result["float"]["val_metric"] - t["val_metric"] <= 0.02 and not t["failures"]
     tfl = result["targets"]["tflite-int8"]
-    assert "cannot keep layers in float" in tfl["fallback"]["unsupported"]
+    assert "backend tflite has no float_layers" in tfl["fallback"]["unsupported"]
     assert tfl["failures"] and "tflite-int8" in result["failed_targets"]
     diagnosis = tfl["failures"][-1]
     assert diagnosis.startswith("int8 diagnosis:") and "hurts the outputs most are 'fc1'" in diagnosis, diagnosis

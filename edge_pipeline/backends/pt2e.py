@@ -405,9 +405,10 @@ def leave_pads_to_their_convs(gm) -> int:
             continue
         conv = next(iter(n.users))
         annotation = conv.meta.get("quantization_annotation")
+        src = getattr(n.args[0], "meta", {}).get("quantization_annotation")
         if _op(conv) not in ("conv1d.default", "conv2d.default") or annotation is None \
-                or n not in annotation.input_qspec_map:
-            continue
+                or n not in annotation.input_qspec_map or src is None or src.output_qspec is None:
+            continue  # the pad must read an int8 tensor: a pad on the float model input stays as it was
         del annotation.input_qspec_map[n]
         n.meta["quantization_annotation"] = QuantizationAnnotation(_annotated=True)  # nothing to quantize here
         left += 1
