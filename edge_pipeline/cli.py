@@ -323,13 +323,13 @@ def _print_targets(con: Console, results: dict, title: str, lowered: dict | None
 @click.option("--warmup", type=int, default=5, show_default=True)
 @click.option("--timeout", type=float, default=300, show_default=True, help="Seconds per device step.")
 @handle_errors
-def test_command(run_dir, devices, threads, runs, warmup, timeout):
+def device_test_command(run_dir, devices, threads, runs, warmup, timeout):
     """Measure a run's artifacts on devices, then run the acceptance suite against the budgets."""
     from pathlib import Path
 
-    from edge_pipeline.device_testing import test_run
+    from edge_pipeline.device_testing import measure_run
 
-    results_path = _with_progress(lambda: test_run(Path(run_dir), list(devices), threads, runs, warmup, timeout),
+    results_path = _with_progress(lambda: measure_run(Path(run_dir), list(devices), threads, runs, warmup, timeout),
                                   log=Path(run_dir) / "test-log.txt")
     results = json.loads(results_path.read_text())
     _print_targets(out, results["results"], f"device test of {run_dir}")
@@ -373,7 +373,7 @@ def init_command(model, weights, data, targets, out_path, force):
     """Write a starter recipe for your model and data, checked as a run would check it."""
     from pathlib import Path
 
-    from edge_pipeline.init import default_name, write_starter
+    from edge_pipeline.starter import default_name, write_starter
 
     path = Path(out_path or f"recipes/{default_name(model)}.yaml")
     written = _with_progress(lambda: write_starter(path, model, data, list(targets) or None, force, weights),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.runstore import find_stage
-from edge_pipeline.stages.device_test import test_targets
+from edge_pipeline.stages.device_test import measure_targets
 from edge_pipeline.targets import load_profile
 
 
@@ -35,7 +35,7 @@ def evaluator_for_run(run_dir: Path):
     return Evaluator(data, iface, metric, model)
 
 
-def test_run(run_dir: Path, devices: list[str], threads: int | None, runs: int, warmup: int, timeout: float) -> Path:
+def measure_run(run_dir: Path, devices: list[str], threads: int | None, runs: int, warmup: int, timeout: float) -> Path:
     from edge_pipeline.devices import parse_device
 
     for i, d in enumerate(devices):
@@ -46,7 +46,7 @@ def test_run(run_dir: Path, devices: list[str], threads: int | None, runs: int, 
                             hint="pass runs/<recipe>/<run-id> after edge-pipeline run")
     ev = evaluator_for_run(run_dir)
     profiles = [load_profile(t) for t in lower[1]["metrics"]["targets"]]
-    res = test_targets(lower[0], lower[1]["metrics"], profiles, devices, ev, threads, runs, warmup, timeout)
+    res = measure_targets(lower[0], lower[1]["metrics"], profiles, devices, ev, threads, runs, warmup, timeout)
     path = run_dir / "device-results.json"
     path.write_text(json.dumps(res, indent=1))
     return path

@@ -17,8 +17,8 @@ from edge_pipeline.errors import PipelineError
 
 def test_every_listing_comes_from_the_registry():
     from edge_pipeline.doctor import backend_status
-    from edge_pipeline.init import default_targets
     from edge_pipeline.runstore import toolchain_versions
+    from edge_pipeline.starter import default_targets
     from edge_pipeline.targets import list_profiles
 
     names = set(backends.backends())
@@ -130,7 +130,7 @@ def test_openvino_lowers_int8_with_its_weights_file_and_runs_on_a_device(digits,
     from edge_support import evaluator_for
 
     from edge_pipeline.sources import build_model
-    from edge_pipeline.stages.device_test import test_targets
+    from edge_pipeline.stages.device_test import measure_targets
     from edge_pipeline.stages.lower import lower_all
     from edge_pipeline.targets import load_profile
 
@@ -150,7 +150,7 @@ def test_openvino_lowers_int8_with_its_weights_file_and_runs_on_a_device(digits,
     weights = {t: (tmp_path / metrics["targets"][t]["artifact"]).with_suffix(".bin").stat().st_size
                for t in ("openvino-cpu-int8", "openvino-cpu-fp32")}
     assert weights["openvino-cpu-int8"] < 0.3 * weights["openvino-cpu-fp32"], "int8 weights in the .bin"
-    res = test_targets(tmp_path, metrics, profiles, ["local"], ev, threads=1, runs=3, warmup=1, timeout=120)
+    res = measure_targets(tmp_path, metrics, profiles, ["local"], ev, threads=1, runs=3, warmup=1, timeout=120)
     m = res["results"]["openvino-cpu-int8"]["local"]
     assert m["runtime"] == "openvino" and m["size_bytes"] == int8["size_bytes"], m
 

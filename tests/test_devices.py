@@ -91,12 +91,12 @@ def lowered(tmp_path_factory, digits):
 
 def _test(lowered, digits, devices, timeout=120, profile=False):
     from edge_pipeline.sources.data import ArraySplit, Splits
-    from edge_pipeline.stages.device_test import test_targets
+    from edge_pipeline.stages.device_test import measure_targets
 
     out, metrics, profiles = lowered
     few = Splits(digits.train, digits.val, ArraySplit((digits.test.x[:20],), digits.test.y[:20]), digits.classes,
                  digits.source)
-    return test_targets(out, metrics, profiles, devices, evaluator_for(_model(), few), threads=1, runs=5, warmup=1,
+    return measure_targets(out, metrics, profiles, devices, evaluator_for(_model(), few), threads=1, runs=5, warmup=1,
                         timeout=timeout, profile=profile)
 
 

@@ -93,7 +93,7 @@ def check_budgets(profile: Profile, m: dict) -> list[str]:
                                       p50_ms=m["latency"]["p50_ms"])
 
 
-def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], ev: Evaluator,
+def measure_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], devices: list[str], ev: Evaluator,
                  threads: int | None, runs: int, warmup: int, timeout: float, profile: bool = False) -> dict:
     """Every target x device; returns {"results": {target: {device: metrics}}, "failed_targets": [...],
     "unreachable_devices": {device: why}}. The test split's outputs come back from the device and are scored here
@@ -176,7 +176,7 @@ def test_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile], 
 def run(ctx, out: Path) -> dict:
     cfg = ctx.recipe.device_test
     profiles = [load_profile(t) for t in ctx.recipe.targets]
-    res = test_targets(ctx.stage_dir("lower"), ctx.metrics["lower"], profiles, ctx.recipe.devices, ctx.evaluator,
+    res = measure_targets(ctx.stage_dir("lower"), ctx.metrics["lower"], profiles, ctx.recipe.devices, ctx.evaluator,
                        cfg.threads, cfg.runs, cfg.warmup, cfg.timeout_s, cfg.profile)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.evaluation import Evaluator, Metric
+from edge_pipeline.evaluation import BUILTIN_METRICS, Evaluator, Metric
 from edge_pipeline.interface import ModelInterface
 from edge_pipeline.modelio import save_model
 from edge_pipeline.modelstats import model_stats
@@ -81,7 +81,7 @@ def user_code(recipe) -> dict:
     out = {"model_code": module_fingerprint(recipe.model), "data_code": module_fingerprint(recipe.data)}
     if recipe.weights and Path(recipe.weights).is_file():
         out["weights"] = sha256_file(Path(recipe.weights))
-    if recipe.metric not in ("auto", "top1", "top5", "cosine", "sqnr", "max_abs"):
+    if recipe.metric != "auto" and recipe.metric not in BUILTIN_METRICS:
         out["metric_code"] = module_fingerprint(recipe.metric)
     return out
 
