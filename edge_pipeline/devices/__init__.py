@@ -15,6 +15,7 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import parse_qs
 
 from edge_pipeline.errors import PipelineError
@@ -76,8 +77,26 @@ def run_tool(argv: list[str], timeout: float, device: str, step: str, *, cwd: Pa
     raise AssertionError("unreachable")
 
 
+class Device(Protocol):
+    """What the device test asks of every device kind (local, ssh, adb; a device farm would be one more).
+
+    ``runs_python``: the harness (runner and runtime modules) runs there with ``python``; where False (a stock
+    phone) each backend's own benchmark binary runs instead, through ``benchmark`` (``BACKEND.device_tool``)."""
+
+    spec: DeviceSpec
+    runs_python: bool
+
+    def push(self, files: list[Path]) -> None: ...
+    def run(self, argv: list[str], step: str) -> tuple[int, str, str]: ...
+    def pull(self, name: str, dest: Path) -> None: ...
+    def info(self) -> dict: ...
+    def close(self) -> None: ...
+
+
 class LocalDevice:
     """This host: a temporary folder and a fresh subprocess per run."""
+
+    runs_python = True
 
     def __init__(self, spec: DeviceSpec, timeout: float):
         self.spec, self.timeout = spec, timeout
@@ -110,6 +129,8 @@ class LocalDevice:
 
 class SSHDevice:
     """A Linux board over ssh/scp: a temporary folder on the board, removed at the end."""
+
+    runs_python = True
 
     def __init__(self, spec: DeviceSpec, timeout: float):
         self.spec, self.timeout = spec, timeout
@@ -165,7 +186,7 @@ class SSHDevice:
             pass
 
 
-def open_device(spec: DeviceSpec, timeout: float):
+def open_device(spec: DeviceSpec, timeout: float) -> Device:
     if spec.kind == "local":
         return LocalDevice(spec, timeout)
     if spec.kind == "ssh":

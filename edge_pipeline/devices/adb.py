@@ -48,6 +48,7 @@ def median_of_rounds(rounds: list[dict]) -> dict:
 
 
 class ADBDevice:
+    runs_python = False  # a stock phone: the runtimes' own benchmark binaries, not the harness
     def __init__(self, spec: DeviceSpec, timeout: float):
         self.spec, self.timeout = spec, timeout
         self.adb = ["adb", "-s", spec.serial or ""]

@@ -125,7 +125,7 @@ def measure_targets(lower_dir: Path, lower_metrics: dict, profiles: list[Profile
                         record(p.name, dev_spec, {"error": str(e), "unreachable": True})
                     return
                 try:
-                    uses_tools = device.spec.kind == "adb"
+                    uses_tools = not device.runs_python
                     if uses_tools:
                         abi = device.info().get("abi")
                     else:
