@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from edge_pipeline.errors import PipelineError, all_of
+from edge_pipeline.presets import IMAGENET_1K, PREPROCESS_PRESETS
 
 
 class _Strict(BaseModel):
@@ -110,14 +111,6 @@ class PackageConfig(_Strict):
     allow_failing: bool = False
 
 
-# Named input scalings, after what they are: scale, then (x - mean) / std per channel.
-PREPROCESS_PRESETS = {
-    "imagenet": {"scale": 1 / 255, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},  # torchvision
-    "lite": {"scale": 1.0, "mean": [127.0], "std": [128.0]},  # (x - 127) / 128: TFLite's EfficientNet-Lite
-    "inception": {"scale": 1.0, "mean": [127.5], "std": [127.5]},  # (x - 127.5) / 127.5: to [-1, 1]
-}
-
-
 class PreprocessConfig(_Strict):
     """How an image folder's files become model inputs; recorded in the bundle so an app can do the same."""
 
@@ -141,9 +134,6 @@ class PreprocessConfig(_Strict):
             raise ValueError(f"preset '{v['preset']}' sets scale, mean and std; also given: {', '.join(clash)} "
                              "(give the preset or the three values)")
         return {**v, **PREPROCESS_PRESETS.get(v["preset"], {})}
-
-
-IMAGENET_1K = "imagenet-1k"  # the shipped class list's name in a recipe
 
 
 class LabelsConfig(_Strict):

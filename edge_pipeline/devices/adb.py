@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_pipeline.backends import DeviceTool, spec
-from edge_pipeline.devices import DeviceError, DeviceSpec, run_tool
+from edge_pipeline.devices.base import DeviceError, DeviceSpec, run_tool
 
 REMOTE_ROOT = "/data/local/tmp/edge-pipeline"
 ROUNDS = 5  # invocations of a tool that prints only a mean, for a p50 of means

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.recipe import IMAGENET_1K
+from edge_pipeline.presets import IMAGENET_1K
 from edge_pipeline.sources.data import IMAGE_SUFFIXES, SPLIT_FRACTIONS, Splits, split_dataset
 
 DEFAULT_PREPROCESS = {"mode": "auto", "resize": None, "center_crop": None, "preset": None, "scale": 1 / 255,

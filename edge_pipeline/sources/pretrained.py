@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_pipeline.errors import PipelineError
-from edge_pipeline.recipe import PREPROCESS_PRESETS
+from edge_pipeline.presets import PREPROCESS_PRESETS
 
 SIZE, CROPS_PER_PHOTO = 224, 24
 # Colour photographs of everyday scenes, by split: no photograph is in two splits.
