@@ -2,30 +2,14 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 from pathlib import Path
 
-import matplotlib
-
+from edge_pipeline.plots import figure as _figure
+from edge_pipeline.plots import plt
 from edge_pipeline.runstore import find_stage
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _figure(title: str, fig) -> str:
-    return (f'<figure><img class="plot" alt="{html.escape(title)}" src="data:image/png;base64,{_png(fig)}">'
-            f"<figcaption>{html.escape(title)}</figcaption></figure>")
+from edge_pipeline.stages import stages
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -39,8 +23,9 @@ def pareto(points: list[tuple[float, float]]) -> list[int]:
 
 def _waterfall(run_dir: Path, targets: dict) -> str | None:
     rows = []
-    for stage, label in (("teacher", "teacher"), ("prune", "pruned"), ("distill", "student")):
-        rec = find_stage(run_dir, stage)
+    made = [stage.name for stage in stages() if stage.produces_model]
+    for label in made:
+        rec = find_stage(run_dir, label)
         if not rec:
             continue
         m = rec[1]["metrics"]
@@ -64,7 +49,7 @@ def _waterfall(run_dir: Path, targets: dict) -> str | None:
         ax.set_title(title)
         if idx == 4 and vals and max(vals) <= 1.0:
             ax.set_ylim(max(0.0, min(vals) - 0.05), 1.0)
-    return _figure("Stage waterfall: teacher → pruned → student → int8", fig)
+    return _figure(f"Stage waterfall: {' → '.join(made)} → int8", fig)
 
 
 def _device_bars(results: dict) -> str | None:
@@ -110,40 +95,6 @@ def _scatter(results: dict, metric: str) -> str | None:
     return _figure(f"{metric} vs size and vs latency (Pareto front in red)", fig)
 
 
-def _prune_scan(run_dir: Path) -> str | None:
-    rec = find_stage(run_dir, "prune")
-    if not rec or not (rec[0] / "sensitivity.json").is_file():
-        return None
-    scan = json.loads((rec[0] / "sensitivity.json").read_text())
-    fig, ax = plt.subplots(figsize=(8, 3.6))
-    for layer, drops in scan.items():
-        rs = sorted(drops, key=float)
-        ax.plot([float(r) for r in rs], [drops[r] for r in rs], marker="o", label=layer)
-    ax.set_xlabel("fraction of this layer's channels removed (this layer alone)")
-    ax.set_ylabel("validation metric drop (fraction)")
-    ax.legend(fontsize=6)
-    return _figure("Pruning sensitivity scan", fig)
-
-
-def _distill_curves(run_dir: Path) -> str | None:
-    rec = find_stage(run_dir, "distill")
-    if not rec or not (rec[0] / "curves.json").is_file():
-        return None
-    curves = json.loads((rec[0] / "curves.json").read_text())
-    ep = [c["epoch"] for c in curves]
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.4))
-    a1.plot(ep, [c["train_loss"] for c in curves], label="train")
-    if "val_loss" in curves[0]:
-        a1.plot(ep, [c["val_loss"] for c in curves], label="val")
-    a1.legend(fontsize=7)
-    a1.set_title("distillation loss")
-    a2.plot(ep, [c["val_metric"] for c in curves], label="val metric")
-    a2.plot(ep, [c["val_cosine"] for c in curves], label="cosine with teacher (worst output)")
-    a2.legend(fontsize=7)
-    a2.set_xlabel("epoch")
-    return _figure("Distillation curves", fig)
-
-
 def _quant_sensitivity(targets: dict) -> str | None:
     sens = {t: m["layer_error_db"] for t, m in targets.items() if m.get("layer_error_db")}
     if len({v for s in sens.values() for v in s.values()}) <= 1:
@@ -171,32 +122,6 @@ def _coverage_table(targets: dict) -> str:
                     f"<td>{html.escape(status)}</td></tr>")
     return ("<table><tr><th>target</th><th>bytes</th><th>operator coverage</th><th>float fallback</th>"
             "<th>status</th></tr>" + "".join(rows) + "</table>")
-
-
-def _qat_table(run_dir: Path, targets: dict) -> str | None:
-    """PTQ against QAT per target: the metric on test, size and p50 on the build host, which one ships, and what
-    the QAT run cost (epochs, wall time)."""
-    qat = find_stage(run_dir, "qat")
-    if qat is None:
-        return None
-    trained = qat[1]["metrics"].get("targets", {})
-    rows = []
-    for name, q in trained.items():
-        cmp = targets.get(name, {}).get("qat")
-        if cmp is None:  # not trained (auto: PTQ met its budget), or the target failed to lower
-            why = q.get("reason") or "no QAT build"
-            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan=8>{html.escape(why)}</td></tr>")
-            continue
-        both = (cmp["ptq"], cmp["qat"])
-        cells = [name, *(f"{b['test_metric']:.4f}" for b in both), *(f"{b['size_bytes']:,}" for b in both),
-                 *(f"{b['host_p50_ms']:.2f}" for b in both)]
-        shared = f", shared with {q['shared_with']}" if q.get("shared_with") else ""
-        cells += [cmp["shipped"].upper(), f"{q.get('epochs_run', '')} epochs, {q.get('seconds', 0):.0f} s{shared}"]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    return ("<h2>Post-training vs quantization-aware int8</h2><table><tr><th>target</th><th>PTQ test</th>"
-            "<th>QAT test</th><th>PTQ bytes</th><th>QAT bytes</th><th>PTQ p50 ms</th><th>QAT p50 ms</th>"
-            "<th>ships</th><th>QAT run</th></tr>" + "".join(rows) + "</table><p>p50 on the build host, one "
-            "thread; device-test measures the shipped build on each device.</p>")
 
 
 def _fallback_text(t: dict) -> str:
@@ -328,6 +253,12 @@ def _profile_bars(results: dict, targets: dict) -> str | None:
     return "<h2>Per-operator profiles</h2>" + "".join(parts)
 
 
+def _stage_sections(run_dir: Path, targets: dict) -> list[str | None]:
+    """Each stage's own section (its curves, its scan), in pipeline order, for the stages this run has."""
+    return [stage.report(rec[0], rec[1]["metrics"], targets) for stage in stages()
+            if stage.report is not None and (rec := find_stage(run_dir, stage.name))]
+
+
 def _release_line(release: dict | None) -> str:
     if not release:
         return ""
@@ -344,8 +275,7 @@ def write_report(run_dir: Path, dest: Path, release: dict | None = None) -> Path
     results = dev[1]["metrics"]["results"] if dev else {}
     sections = [s for s in (_waterfall(run_dir, targets), _device_bars(results), _scatter(results, _metric(run_dir)),
                             _profile_bars(results, targets),
-                            _prune_scan(run_dir), _distill_curves(run_dir), _qat_table(run_dir, targets),
-                            _quant_sensitivity(targets)) if s]
+                            *_stage_sections(run_dir, targets), _quant_sensitivity(targets)) if s]
     title = f"edge-pipeline report: {run_dir.parent.name}/{run_dir.name}"
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}}img.plot{{max-width:100%}}

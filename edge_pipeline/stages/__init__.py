@@ -13,6 +13,7 @@ import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -49,6 +50,8 @@ class Stage:
     summary: Callable[[dict], str] | None = None  # or its own one-line summary of its metrics
     # Its line in the model card's "What each stage did": (its metrics, the manifest) -> markdown. None: none.
     card: Callable[[dict, dict], str] | None = None
+    # Its own section of the HTML report: (its folder, its metrics, lower's targets) -> HTML, or None.
+    report: Callable[[Path, dict, dict], str | None] | None = None
 
 
 _EXTRA: dict[str, ModuleType] = {}

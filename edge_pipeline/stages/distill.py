@@ -182,10 +182,32 @@ def curves_best(curves: list[dict], best_epoch: int) -> float:
     return next(c["val_metric"] for c in curves if c["epoch"] == best_epoch)
 
 
+def _report(folder: Path, metrics: dict, targets: dict) -> str | None:
+    """The report's distillation curves."""
+    from edge_pipeline.plots import figure, plt
+
+    if not (folder / "curves.json").is_file():
+        return None
+    curves = json.loads((folder / "curves.json").read_text())
+    ep = [c["epoch"] for c in curves]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.4))
+    a1.plot(ep, [c["train_loss"] for c in curves], label="train")
+    if "val_loss" in curves[0]:
+        a1.plot(ep, [c["val_loss"] for c in curves], label="val")
+    a1.legend(fontsize=7)
+    a1.set_title("distillation loss")
+    a2.plot(ep, [c["val_metric"] for c in curves], label="val metric")
+    a2.plot(ep, [c["val_cosine"] for c in curves], label="cosine with teacher (worst output)")
+    a2.legend(fontsize=7)
+    a2.set_xlabel("epoch")
+    return figure("Distillation curves", fig)
+
+
 STAGE = Stage("distill", 2, ("teacher", "prune"), lambda r: r.distill.model_dump(), lambda r: r.distill.enabled,
               check=lambda ctx: check_config(ctx.recipe, ctx.iface, ctx.data, ctx.recipe_path),
               produces_model=True, trains=True, command="Distill the teacher into the student.",
               summary_keys=("macs_fraction_of_teacher", "test_metric", "teacher_test_metric", "epochs_run"),
+              report=_report,
               card=lambda d, m: (f"- **distill**: student test {m.get('metric') or 'metric'} "
                                  f"{fmt_metric(d.get('test_metric'))} "
                                  f"(teacher {fmt_metric(d.get('teacher_test_metric'))}), "

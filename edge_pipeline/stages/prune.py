@@ -321,9 +321,27 @@ def run(ctx, out: Path) -> dict:
     return metrics
 
 
+def _report(folder: Path, metrics: dict, targets: dict) -> str | None:
+    """The report's pruning sensitivity scan, where the run made one."""
+    from edge_pipeline.plots import figure, plt
+
+    if not (folder / "sensitivity.json").is_file():
+        return None
+    scan = json.loads((folder / "sensitivity.json").read_text())
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    for layer, drops in scan.items():
+        rs = sorted(drops, key=float)
+        ax.plot([float(r) for r in rs], [drops[r] for r in rs], marker="o", label=layer)
+    ax.set_xlabel("fraction of this layer's channels removed (this layer alone)")
+    ax.set_ylabel("validation metric drop (fraction)")
+    ax.legend(fontsize=6)
+    return figure("Pruning sensitivity scan", fig)
+
+
 STAGE = Stage("prune", 1, ("teacher",), lambda r: r.prune.model_dump(), lambda r: r.prune.enabled,
               check=lambda ctx: check_config(ctx.recipe.prune, ctx.data, ctx.recipe_path), produces_model=True,
               command="Structured pruning of the teacher.",
               summary_keys=("macs_fraction", "params_after", "val_metric_pruned", "val_metric_finetuned"),
+              report=_report,
               card=lambda p, m: (f"- **prune** ({p['method']}): MACs {p['macs_before']} → {p['macs_after']} "
                                  f"({p['macs_fraction']:.1%}), params {p['params_before']} → {p['params_after']}."))

@@ -205,10 +205,35 @@ def _summary(m: dict) -> str:
     return f"trained for {', '.join(trained) or 'none'}; mode={m.get('mode')}, device={m.get('device')}"
 
 
+def _report(folder: Path, metrics: dict, targets: dict) -> str | None:
+    """PTQ against QAT per target: the metric on test, size and p50 on the build host, which one ships, and what
+    the QAT run cost (epochs, wall time)."""
+    import html
+
+    trained = metrics.get("targets", {})
+    rows = []
+    for name, q in trained.items():
+        cmp = targets.get(name, {}).get("qat")
+        if cmp is None:  # not trained (auto: PTQ met its budget), or the target failed to lower
+            why = q.get("reason") or "no QAT build"
+            rows.append(f"<tr><td>{html.escape(name)}</td><td colspan=8>{html.escape(why)}</td></tr>")
+            continue
+        both = (cmp["ptq"], cmp["qat"])
+        cells = [name, *(f"{b['test_metric']:.4f}" for b in both), *(f"{b['size_bytes']:,}" for b in both),
+                 *(f"{b['host_p50_ms']:.2f}" for b in both)]
+        shared = f", shared with {q['shared_with']}" if q.get("shared_with") else ""
+        cells += [cmp["shipped"].upper(), f"{q.get('epochs_run', '')} epochs, {q.get('seconds', 0):.0f} s{shared}"]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    return ("<h2>Post-training vs quantization-aware int8</h2><table><tr><th>target</th><th>PTQ test</th>"
+            "<th>QAT test</th><th>PTQ bytes</th><th>QAT bytes</th><th>PTQ p50 ms</th><th>QAT p50 ms</th>"
+            "<th>ships</th><th>QAT run</th></tr>" + "".join(rows) + "</table><p>p50 on the build host, one "
+            "thread; device-test measures the shipped build on each device.</p>")
+
+
 STAGE = Stage(
     "qat", 4, ("teacher", "prune", "distill", "calibrate"),
     lambda r: {**r.qat.model_dump(), **targets_config(r.targets),
                "loss": r.distill.model_dump(include={"alpha", "temperature", "soft_only", "logit_outputs"})},
     lambda r: bool(r.targets) and r.qat.mode != "off", check=lambda ctx: check_config(ctx.recipe, ctx.recipe_path),
     trains=True, command="Quantization-aware training for the int8 targets (qat.mode: on, or auto where PTQ misses).",
-    summary=_summary, card=_card)
+    summary=_summary, card=_card, report=_report)
