@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from edge_pipeline import progress
-from edge_pipeline.backends import backends, get_backend
+from edge_pipeline.backends import artifact_bytes, backends, get_backend
 from edge_pipeline.devices import LocalDevice, parse_device
 from edge_pipeline.modelio import load_model
 from edge_pipeline.modelstats import model_stats
@@ -170,7 +170,7 @@ def method_study(teacher: nn.Module, example, calibration, ev, tmp: Path) -> dic
                 worst = figures["agreement_with_teacher"]["worst"]
                 out.setdefault(backend, {})[method] = {
                     "test_metric": figures["test_metric"], "top1_agreement": worst.get("top1_agreement"),
-                    "cosine": worst["cosine"], "size_bytes": path.stat().st_size, "export_seconds": seconds}
+                    "cosine": worst["cosine"], "size_bytes": artifact_bytes(path), "export_seconds": seconds}
                 task.advance()
     return out
 
@@ -247,7 +247,7 @@ def _bench_recipe(recipe_path: str, out_root: Path) -> dict:
             timed, outputs = _timed_rounds(artifacts, test_x, thread_counts, runs, task)
         by_backend: dict = {}
         for (backend, variant), artifact in artifacts.items():
-            size, params = artifact.stat().st_size, stats[variant]["params"]
+            size, params = artifact_bytes(artifact), stats[variant]["params"]
             figures = ev.figures(outputs[backend, variant], "test")
             row = {"size_bytes": size, **stats[variant], "bytes_per_param": size / params,
                    "metric": ev.metric.name, "test_metric": figures["test_metric"],

@@ -82,6 +82,8 @@ def test_bench_builds_ort_files_for_the_machine_that_times_them():
 
 @pytest.mark.slow
 def test_bench_measures_four_variants_per_backend(write_recipe, tmp_path, monkeypatch):
+    from edge_pipeline.backends import backends
+
     monkeypatch.setattr(bench, "RUNS", 5)
     monkeypatch.setattr(bench, "WARMUP", 1)
     monkeypatch.setattr(bench, "ROUNDS", 1)
@@ -90,7 +92,7 @@ def test_bench_measures_four_variants_per_backend(write_recipe, tmp_path, monkey
                           targets=["ort-mobile-int8"])
     doc = bench.bench([str(recipe)], tmp_path / "BENCH.md", out_root=tmp_path / "runs")
     r = doc["recipes"][0]
-    assert set(r["backends"]) == {"executorch", "onnxruntime", "tflite"}
+    assert set(r["backends"]) == set(backends()), "every registered backend has its rows"
     for by in r["backends"].values():
         assert set(by) == set(bench.VARIANTS)
         assert by["pipeline_int8"]["params"] < by["fp32_teacher"]["params"]
@@ -102,8 +104,10 @@ def test_bench_measures_four_variants_per_backend(write_recipe, tmp_path, monkey
     methods = r["calibration_methods"]
     assert set(methods["onnxruntime"]) == {"minmax", "moving_average", "percentile", "entropy"}
     assert set(methods["executorch"]) == set(methods["tflite"]) == {"minmax", "moving_average", "histogram"}
+    assert set(methods["openvino"]) == {"minmax"}
     assert all(0 < v["cosine"] <= 1.0001 and v["size_bytes"] > 0 for by in methods.values() for v in by.values())
     md = (tmp_path / "BENCH.md").read_text()
     assert "| executorch | pipeline_int8 |" in md and "cores" in md and "| onnxruntime | size (3)/(1)" in md
+    assert "int8 dot-product instructions: " in md
     assert "| onnxruntime | entropy |" in md
     assert json.loads((tmp_path / "BENCH.json").read_text())["machine"]["cores"] >= 1
