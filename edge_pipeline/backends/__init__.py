@@ -3,8 +3,8 @@
 A module is a backend when it declares ``BACKEND = Backend(...)`` (what it is and what it can do) and provides:
 
 - ``export(model, example, calibration, profile, out_dir, iface, float_layers=(), default_flow=False,
-  fixtures=True, qat=None) -> Path``: writes the artifact (its ``sidecars`` beside it) and ``describe.json``;
-  with ``fixtures`` also the device tool's golden-I/O files.
+  fixtures=True, qat=None) -> Path``: writes the artifact (and the files its runtime module lists as
+  ``SIDECARS``) and ``describe.json``; with ``fixtures`` also the device tool's golden-I/O files.
 - ``describe(path) -> dict``: what an integrator needs (I/O, int8 scale/zero point, operators).
 - ``qat_quantizer(profile)`` where ``qat``; ``layer_errors(model, example, calibration, rows, profile, iface)
   -> {layer: dB}`` where ``layer_errors``.
@@ -44,7 +44,6 @@ class Backend:
     suffix: str  # the artifact's file type
     packages: tuple[str, ...]  # the distributions it needs on this machine (doctor, the stage cache key)
     targets: tuple[str, str]  # its built-in int8 and fp32 profiles (init's default targets, bench)
-    sidecars: tuple[str, ...] = ()  # suffixes of files beside the artifact that are part of it
     precisions: tuple[str, ...] = ("fp32", "int8")
     float_layers: bool = True  # keeps named layers in float in an int8 build (the accuracy fallback)
     qat: bool = False  # trains int8 with its own fake quantizers (``qat_quantizer``)
@@ -105,7 +104,10 @@ def artifact_bytes(path: Path) -> int:
 
 
 def artifact_files(path: Path) -> list[Path]:
-    """The artifact and the files beside it that belong to it (what a device needs to load it)."""
+    """The artifact and the files beside it that belong to it (what a device needs to load it), as the
+    harness's runtime module for its suffix declares them: one declaration for host and device."""
+    from edge_pipeline.harness import runner
+
     path = Path(path)
-    owner = next((m.BACKEND for m in backends().values() if m.BACKEND.suffix == path.suffix), None)
-    return [path, *(path.with_suffix(s) for s in (owner.sidecars if owner else ()))]
+    runtime = runner.runtimes().get(path.suffix)
+    return [path, *(path.with_suffix(s) for s in (runtime.SIDECARS if runtime else ()))]

@@ -112,7 +112,7 @@ def describe(path: Path) -> dict:
 
 
 BACKEND = Backend(
-    "openvino", "OpenVINO IR for its CPU plugin (.xml + .bin), int8 by NNCF", SUFFIX, sidecars=(".bin",),
+    "openvino", "OpenVINO IR for its CPU plugin (.xml + .bin), int8 by NNCF", SUFFIX,
     packages=("torch", "openvino", "nncf"), targets=("openvino-cpu-int8", "openvino-cpu-fp32"),
     calibration_methods=("minmax",), float_layers=False,
     notes={"float_layers": "OpenVINO's conversion fuses BatchNorm into each convolution and renames it, so a "

@@ -28,7 +28,7 @@ import numpy as np
 UNSTABLE_CV = 0.15  # coefficient of variation above which a latency figure is flagged unstable
 
 
-@functools.cache  # functools.cache is 3.9+; boards may run older Pythons
+@functools.lru_cache(maxsize=None)  # noqa: UP033 - functools.cache is 3.9+; boards may run older Pythons
 def runtimes() -> dict[str, object]:
     """{artifact suffix: its runtime module}: every ``runtime_<name>.py`` beside this file. Imported as
     ``edge_pipeline.harness.runtime_<name>`` on the host, as plain ``runtime_<name>`` where this file runs as
