@@ -15,21 +15,28 @@ def load() -> None:
     import onnxruntime  # noqa: F401
 
 
-def open_model(path: str, threads: int):
+def _session(path: str, threads: int, profile_prefix: str | None = None):
+    """A CPU session on ``threads`` intra-op threads, one inter-op; profiling into ``profile_prefix`` if given."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    dtypes = [_TYPES.get(i.type) for i in sess.get_inputs()]
+    if profile_prefix:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
-    def run(xs):
-        return sess.run(None, {n: x if d is None or x.dtype == d else x.astype(d)
-                               for n, x, d in zip(names, xs, dtypes)})  # noqa: B905 - boards may run Python < 3.10
 
-    return "onnxruntime", run
+def _feed(sess, xs) -> dict:
+    """Inputs by name, each cast to the model's own input dtype."""
+    return {i.name: x if _TYPES.get(i.type) in (None, x.dtype) else x.astype(_TYPES[i.type])
+            for i, x in zip(sess.get_inputs(), xs)}  # noqa: B905 - boards may run Python < 3.10
+
+
+def open_model(path: str, threads: int):
+    sess = _session(path, threads)
+    return "onnxruntime", lambda xs: sess.run(None, _feed(sess, xs))
 
 
 OVERHEAD_OPS = {"Pad": "pad", "QuantizeLinear": "convert", "DequantizeLinear": "convert", "Cast": "convert",
@@ -42,14 +49,8 @@ def profile(path: str, inputs, threads: int, runs: int, folder: str) -> list[dic
     import json
     import os
 
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(folder, "ort-profile")
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feed = {i.name: x.astype(_TYPES.get(i.type) or x.dtype) for i, x in zip(sess.get_inputs(), inputs)}  # noqa: B905
+    sess = _session(path, threads, os.path.join(folder, "ort-profile"))
+    feed = _feed(sess, inputs)
     for _ in range(runs):
         sess.run(None, feed)
     with open(sess.end_profiling()) as f:

@@ -10,14 +10,20 @@ def load() -> None:
     import openvino  # noqa: F401
 
 
-def open_model(path: str, threads: int):
-    import numpy as np
+def _compile(path: str, threads: int, **extra):
+    """The CPU plugin on ``threads`` threads, one stream, for latency. f32 inference precision: on CPUs with bf16
+    or AMX the plugin would otherwise run an fp32 model in bf16."""
     import openvino as ov
 
-    # f32 inference precision: on CPUs with bf16 or AMX the plugin would otherwise run an fp32 model in bf16.
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                      "INFERENCE_PRECISION_HINT": "f32",
-                                                      "PERFORMANCE_HINT": "LATENCY"})
+    return ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
+                                                 "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+                                                 **extra})
+
+
+def open_model(path: str, threads: int):
+    import numpy as np
+
+    compiled = _compile(path, threads)
     request = compiled.create_infer_request()
     dtypes = [np.dtype(i.get_element_type().to_dtype()) for i in compiled.inputs]
 
@@ -35,10 +41,8 @@ OVERHEAD_OPS = {"Pad": "pad", "Convert": "convert", "FakeQuantize": "convert", "
 def profile(path: str, inputs, threads: int, runs: int, folder: str) -> list[dict]:
     """Per-node times from OpenVINO's CPU plugin (``PERF_COUNT``): each executed node's median over ``runs``
     inferences, its kind the plugin's node type (with the kernel it ran, e.g. ``jit_avx2_I8``)."""
-    import openvino as ov
 
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads, "NUM_STREAMS": 1,
-                                                      "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
+    compiled = _compile(path, threads, PERF_COUNT=True)
     request = compiled.create_infer_request()
     times: dict[str, list[float]] = {}
     kinds: dict[str, str] = {}
