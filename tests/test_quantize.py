@@ -68,6 +68,50 @@ def test_fused_int8_keeps_the_post_activation_resolution():
     assert fused > unfused + 3, (fused, unfused)
 
 
+class SqueezeExcite(nn.Module):
+    """torchvision's MobileNetV3 gate: a global-average-pool squeeze, fc1, ReLU, fc2, hardsigmoid, multiply; the
+    feature map it gates spans a far wider range than its mean, and fc2's logits reach past +-3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.fc2.weight.data.mul_(30)  # gate logits well past +-3, as after training
+
+    def forward(self, x):
+        x = nn.functional.relu(self.conv(x))  # as in torchvision's first block (the pool reads an int8 tensor)
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        s = nn.functional.hardsigmoid(self.fc2(nn.functional.relu(self.fc1(s))))
+        return (x * s).flatten(1)
+
+
+@pytest.mark.parametrize("backend", ["executorch", "tflite"])
+def test_squeeze_excite_gets_its_own_pool_range_and_gate_logits_clipped_to_where_hardsigmoid_changes(backend):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from edge_pipeline.backends import executorch, tflite
+
+    model = FlatModel(SqueezeExcite().eval())
+    rng = np.random.default_rng(0)
+    cal = (rng.standard_normal((32, 3, 8, 8)).astype(np.float32) * 3,)
+    profile = load_profile("executorch-xnnpack-int8" if backend == "executorch" else "tflite-int8")
+    q = executorch._quantizer(profile, ()) if backend == "executorch" else tflite._quantizers(profile, ())[1]
+    gm, _ = pt2e.export_for_calibration(model, cal)
+    prepared = prepare_pt2e(gm, q)
+    prepared(torch.from_numpy(cal[0]))
+    observer = {n.name: prepared.get_submodule(n.target) for n in prepared.graph.nodes if n.op == "call_module"}
+    pool = next(n for n in prepared.graph.nodes if "adaptive_avg_pool2d" in str(n.target))
+    pool_in, pool_out = pool.args[0], next(iter(pool.users))
+    assert observer[pool_in.name] is not observer[pool_out.name], "the mean has a range of its own"
+    assert float(observer[pool_out.name].max_val) < float(observer[pool_in.name].max_val) / 2
+    gate_in = next(n for n in prepared.graph.nodes if "hardsigmoid" in str(n.target)).args[0]
+    assert float(observer[gate_in.name].max_val) > 3  # calibration saw logits beyond the gate's range
+    assert pt2e.clip_to_activation_domains(prepared) >= 1
+    lo, hi = float(observer[gate_in.name].min_val), float(observer[gate_in.name].max_val)
+    assert -3 <= lo and hi <= 3, (lo, hi)
+
+
 @pytest.mark.slow
 def test_real_pretrained_mobile_cnn_keeps_its_top1_in_int8():
     """EfficientNet-Lite0 with its published weights, on held-out crops of real photographs: the PT2E int8 model

@@ -20,6 +20,22 @@ from edge_pipeline.targets import Profile
 SUFFIX = ".tflite"
 
 
+def _quantizers(profile: Profile, float_layers, default: bool = False):
+    """(the quantizer litert-torch converts with, the one that annotates and calibrates)."""
+    from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
+
+    if default:  # the quantizer's own defaults
+        q = PT2EQuantizer().set_global(get_symmetric_quantization_config())
+        return q, q
+    base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_dynamic=False)
+    q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
+    pt2e.keep_float(q, float_layers)
+    # keep_outputs=False: litert-torch gives int8 outputs whatever the annotation (a float or dynamic head made
+    # no difference to the converted file): the outputs stay static int8, over the range fitted to the rows
+    # (pt2e.fit_output_ranges).
+    return q, pt2e.FusedActivations(q, keep_outputs=False)
+
+
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
            profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
            fixtures: bool = True, qat: dict | None = None) -> Path:
@@ -42,17 +58,7 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
             edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=static))
             edge.export(str(path))
             return _finish(path, out_dir, example, iface, float_layers, fixtures)
-        if default_flow:  # the quantizer's own defaults
-            q = PT2EQuantizer().set_global(get_symmetric_quantization_config())
-        else:
-            base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel,
-                                                     is_dynamic=False)
-            q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
-        pt2e.keep_float(q, float_layers)
-        # keep_outputs=False: litert-torch gives int8 outputs whatever the annotation (a float or dynamic head
-        # made no difference to the converted file): the outputs stay static int8, over the range fitted to the
-        # rows (pt2e.fit_output_ranges).
-        quantizer = q if default_flow else pt2e.FusedActivations(q, keep_outputs=False)
+        q, quantizer = _quantizers(profile, float_layers, default_flow)
         gm = pt2e.quantize(model, calibration, quantizer, fold_quantize=False)
         edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))
     else:
