@@ -32,7 +32,11 @@ class TeacherTrainConfig(_Strict):
 class PruneConfig(_Strict):
     enabled: bool = True
     method: Literal["structured", "unstructured", "2:4"] = "structured"
-    importance: Literal["l1", "l2", "bn_scale", "taylor"] = "l2"
+    # obd: Optimal Brain Damage, saliency 1/2 h w^2 with the Hessian diagonal h estimated by the squared
+    # per-row gradients of the loss against the unpruned model (the empirical Fisher) over obd_batches batches.
+    # entropy: the entropy of each channel's globally pooled activation over those batches (Luo & Wu 2017).
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "obd", "entropy"] = "l2"
+    obd_batches: int = Field(4, ge=1)
     # Exactly one target: a channel ratio, or a budget (absolute or as a fraction of the teacher).
     ratio: float | None = Field(None, gt=0, lt=1)
     max_macs: float | None = Field(None, gt=0)
@@ -71,6 +75,24 @@ class DistillConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     patience: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+
+
+class ClusterConfig(_Strict):
+    """Weight clustering after distill (k-means into 2^bits centres per layer, then a short fine-tune of the
+    centres with the distill loss against the unclustered model). Off by default."""
+
+    enabled: bool = False
+    bits: int = Field(4, ge=2, le=8)
+    layer_bits: dict[str, int] = {}  # per-layer bits (module path: 2..8) over ``bits``
+    init: Literal["linear", "density", "random"] = "linear"
+    iterations: int = Field(30, ge=1)  # Lloyd's iterations of k-means (it stops early once nothing moves)
+    skip: list[str] = []  # layers (module paths, and everything under them) left unclustered
+    keep_head: bool = True  # the layers that make the model's outputs stay unclustered
+    epochs: int = Field(3, ge=0)  # fine-tune of the centres; 0: none
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    patience: int = Field(10, ge=1)
     seed: int = 0
 
 
@@ -195,6 +217,7 @@ class Recipe(_Strict):
     train: TeacherTrainConfig = TeacherTrainConfig()
     prune: PruneConfig = PruneConfig()
     distill: DistillConfig = DistillConfig()
+    cluster: ClusterConfig = ClusterConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     qat: QatConfig = QatConfig()
     targets: list[str] = []

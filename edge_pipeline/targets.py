@@ -29,6 +29,9 @@ class QuantConfig(_Strict):
     method: Literal["minmax", "moving_average", "histogram", "percentile", "entropy"] = "minmax"
     percentile: float = Field(99.999, gt=50, le=100)
     max_float_layers: int = Field(3, ge=0)  # accuracy-aware fallback limit
+    # Layers (module paths) whose int8 weights take one scale for the whole tensor even where per_channel is on:
+    # a clustered model's layers (lower sets them), whose 2^b distinct weights then stay 2^b int8 values.
+    per_tensor_layers: tuple[str, ...] = ()
 
 
 class ParityTolerance(_Strict):

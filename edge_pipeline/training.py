@@ -181,6 +181,7 @@ def fit_against_teacher(model: nn.Module, forward: nn.Module, teacher: nn.Module
         task.advance(start)
         for epoch in range(start, epochs):
             forward.train()
+            torch.manual_seed(seed + epoch)  # dropout draws by epoch: a resumed run draws what an unbroken one does
             if start_epoch is not None:
                 start_epoch(epoch)
             total, seen = 0.0, 0

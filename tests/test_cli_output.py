@@ -36,7 +36,7 @@ def test_a_run_prints_only_the_pipelines_lines_and_logs_the_rest(write_recipe, t
     assert len(lines) <= 40, f"{len(lines)} lines:\n{said}"
     for noise in ("LiteRT-Torch", "FutureWarning", "Resetting threadpool", "flatbuffer", "Warning:"):
         assert noise not in said, noise
-    lower_log = next((tmp_path / "runs").rglob("05-lower/log.txt"))
+    lower_log = next((tmp_path / "runs").rglob("06-lower/log.txt"))
     assert lower_log.stat().st_size > 0, "the libraries' output went to the stage's log"
     verbose = run_cli("--verbose", "run", recipe, "--from-stage", "lower", timeout=900)
     assert len((verbose.stdout + verbose.stderr).splitlines()) > len(lines), "--verbose streams it"

@@ -110,7 +110,7 @@ def test_a_stage_and_a_backend_from_outside_the_package_run_are_cached_and_repor
     first = run(recipe)
     assert stage_names().index("audit") == stage_names().index("lower") - 1
     assert first.stages["audit"]["status"] == "ran" and first.stages["audit"]["metrics"]["calibration_rows"] > 0
-    assert (first.run_dir / "05-audit" / "audit.txt").is_file()
+    assert (first.run_dir / "06-audit" / "audit.txt").is_file()
     target = first.stages["lower"]["metrics"]["targets"]["plain-onnx-fp32"]
     assert target["backend"] == "plain-onnx" and target["parity_ok"] and not target.get("failures")
     run_dir = first.run_dir

@@ -51,7 +51,7 @@ def test_default_recipe_meets_the_issue_targets(digits_run):
     assert len(lower["targets"]) == 6
     for name, t in lower["targets"].items():
         assert t["parity_ok"] and not t["failures"], (name, t["failures"])
-        assert (Path(doc["run_dir"]) / "05-lower" / name / "describe.json").is_file()
+        assert (Path(doc["run_dir"]) / "06-lower" / name / "describe.json").is_file()
         if t["precision"] == "int8":
             assert lower["float"]["test_metric"] - t["test_metric"] <= 0.01 and t["metric"] == "top1"
     results = st["device-test"]["metrics"]["results"]
@@ -143,7 +143,7 @@ def test_packaging_refuses_failing_targets_unless_allowed(digits_run, tmp_path):
     _, doc, _ = digits_run
     run_copy = tmp_path / "run"
     shutil.copytree(doc["run_dir"], run_copy)
-    stage = run_copy / "05-lower" / "stage.json"
+    stage = run_copy / "06-lower" / "stage.json"
     rec = json.loads(stage.read_text())
     rec["metrics"]["failed_targets"] = ["tflite-int8"]
     stage.write_text(json.dumps(rec))
@@ -238,7 +238,7 @@ def test_the_bundle_names_no_folder_of_the_build_machine(digits_run):
 
     tmp, doc, _ = digits_run
     bundle = Path(doc["stages"]["package"]["metrics"]["bundle"])
-    private = [str(tmp), str(ROOT), sys.prefix, ".05-lower.tmp-"]
+    private = [str(tmp), str(ROOT), sys.prefix, ".06-lower.tmp-"]
     leaks = [(p.relative_to(bundle).as_posix(), s) for p in bundle.rglob("*") if p.is_file()
              for s in private if s.encode() in p.read_bytes()]
     assert not leaks, leaks

@@ -39,7 +39,7 @@ def test_qat_stage_trains_once_per_quantizer_and_every_runtime_ships_its_model(w
         assert set(cmp) == {"ptq", "qat", "shipped"}
         assert cmp["qat"]["val_metric"] > 0.9, (name, cmp)  # the QAT build was made and ran in its own runtime
         assert cmp["qat"]["host_p50_ms"] > 0 and cmp["qat"]["size_bytes"] > 0
-        assert (summary.run_dir / "05-lower" / t["artifact"]).is_file()
+        assert (summary.run_dir / "06-lower" / t["artifact"]).is_file()
     assert lower["ort-x86-int8"]["describe"]["weights_7bit"]
     report = (summary.run_dir / "report.html").read_text()
     assert "Post-training vs quantization-aware int8" in report
@@ -49,8 +49,8 @@ def test_qat_stage_trains_once_per_quantizer_and_every_runtime_ships_its_model(w
 def test_qat_resumes_after_sigkill_to_the_same_trained_state(write_recipe, tmp_path):
     path = _qat_recipe(write_recipe, ["executorch-xnnpack-int8"], epochs=8)
     run_dir = tmp_path / "runs" / "tiny" / "default"
-    sigkill_mid_stage(["qat", str(path)], run_dir, "04-qat", ".qat-resume-*")
-    assert not (run_dir / "04-qat").exists(), "a killed stage must not look complete"
+    sigkill_mid_stage(["qat", str(path)], run_dir, "05-qat", ".qat-resume-*")
+    assert not (run_dir / "05-qat").exists(), "a killed stage must not look complete"
     checkpoint = next(run_dir.glob(".qat-resume-*"))
     done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
 
@@ -60,12 +60,12 @@ def test_qat_resumes_after_sigkill_to_the_same_trained_state(write_recipe, tmp_p
     assert f"QAT executorch-xnnpack-int8: resumed after epoch {done_before_kill}" in notes.said, notes.said
     assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages["qat"]["status"] == "ran"
     assert 1 <= done_before_kill < 8 and not checkpoint.exists()
-    curves = json.loads((run_dir / "04-qat" / "executorch-xnnpack-int8" / "curves.json").read_text())
+    curves = json.loads((run_dir / "05-qat" / "executorch-xnnpack-int8" / "curves.json").read_text())
     assert [c["epoch"] for c in curves] == list(range(1, 9))
     # Training is deterministic and the checkpoint holds everything (weights, BatchNorm statistics, fake-quantizer
     # ranges and switches, optimizer, schedule): the resumed run ends where an unbroken one does.
     straight = run(path, run_id="straight", until="qat")
-    a, b = (torch.load(d / "04-qat" / "executorch-xnnpack-int8" / "qat_state.pt", weights_only=True)
+    a, b = (torch.load(d / "05-qat" / "executorch-xnnpack-int8" / "qat_state.pt", weights_only=True)
             for d in (run_dir, straight.run_dir))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 

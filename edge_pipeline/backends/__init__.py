@@ -6,6 +6,7 @@ A module is a backend when it declares ``BACKEND = Backend(...)`` (what it is an
   fixtures=True, qat=None) -> Path``: writes the artifact (and the files its runtime module lists as
   ``SIDECARS``) and ``describe.json``; with ``fixtures`` also the device tool's golden-I/O files.
 - ``describe(path) -> dict``: what an integrator needs (I/O, int8 scale/zero point, operators).
+- ``weights(path)`` where the artifact's weights can be read back (``Backend.weights``);
 - ``qat_quantizer(profile)`` where ``qat``; ``layer_errors(model, example, calibration, rows, profile, iface)
   -> {layer: dB}`` where ``layer_errors``.
 
@@ -51,6 +52,9 @@ class Backend:
     calibration_methods: tuple[str, ...] = ("minmax",)
     platforms: tuple[str, ...] = ()  # the profile ``platform`` values it builds for ((): not platform-specific)
     device_tool: DeviceTool | None = None
+    # The layers' weight tensors read back from an artifact: path -> {tensor name: (values, the axis of its
+    # per-channel quantization or None)}. None where the format does not expose them.
+    weights: Callable[[Path], dict[str, tuple]] | None = None
     notes: dict[str, str] = field(default_factory=dict)  # capability -> why it is missing, for refusals
 
     def refusal(self, capability: str) -> str:
@@ -101,6 +105,32 @@ def spec(name: str) -> Backend:
 
 def artifact_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in artifact_files(path))
+
+
+def artifact_gzip_bytes(path: Path) -> int:
+    """The artifact's files compressed as the release archive compresses them (gzip, level 9): its download."""
+    import gzip
+
+    return sum(len(gzip.compress(f.read_bytes(), compresslevel=9, mtime=0)) for f in artifact_files(path))
+
+
+def artifact_weights(path: Path) -> dict:
+    """How many distinct values the layers' weights hold, read back from the artifact file: per tensor, and per
+    channel where a tensor is quantized per channel (each channel then has its own scale). A clustered model's
+    layers show at most 2^b here."""
+    import numpy as np
+
+    backend = next(m.BACKEND for m in backends().values() if m.BACKEND.suffix == Path(path).suffix)
+    if backend.weights is None:
+        return {"read_back": False, "why": backend.notes.get("weights", "the format does not expose them")}
+    tensors = {}
+    for name, (values, axis) in backend.weights(path).items():
+        entry = {"shape": list(values.shape), "dtype": str(values.dtype), "distinct": int(np.unique(values).size)}
+        if axis is not None:
+            entry["distinct_per_channel"] = max(int(np.unique(np.take(values, i, axis=axis)).size)
+                                                for i in range(values.shape[axis]))
+        tensors[name] = entry
+    return {"read_back": True, "tensors": tensors}
 
 
 def artifact_files(path: Path) -> list[Path]:

@@ -35,7 +35,9 @@ def _quantizer(profile: Profile, float_layers, default: bool = False):
     # (XNNPACK's qd8 GEMM, which takes per-channel weights only); float where one scale per tensor is asked.
     per_channel = profile.quantization.per_channel
     head = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True) if per_channel else None
-    return q if default else pt2e.FusedActivations(q, output_layers=head, pads_into_convs=True)
+    return q if default else pt2e.FusedActivations(
+        q, output_layers=head, pads_into_convs=True, per_tensor_layers=profile.quantization.per_tensor_layers,
+        per_tensor_weight=get_symmetric_quantization_config(is_per_channel=False).weight)
 
 
 def qat_quantizer(profile: Profile):
@@ -177,4 +179,5 @@ DEVICE_TOOL = DeviceTool("executor_runner", lambda d: [d / "model.bpte"], _tool_
 BACKEND = Backend(
     "executorch", "ExecuTorch with the XNNPACK delegate (.pte)", ".pte", packages=("torch", "executorch"),
     targets=("executorch-xnnpack-int8", "executorch-xnnpack-fp32"),
-    qat=True, layer_errors=True, calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL)
+    qat=True, layer_errors=True, calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL,
+    notes={"weights": "the weights sit inside the XNNPACK delegate's serialized blob, not in the program's tensors"})

@@ -70,6 +70,10 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
             extra["CalibMovingAverage"] = True
         if q.method == "percentile":
             extra["CalibPercentile"] = q.percentile
+        per_tensor = {flat_name(layer) for layer in q.per_tensor_layers}
+        extra["TensorQuantOverrides"] = {  # an override without "axis" is one scale for the tensor
+            t.name: [{"symmetric": True}] for t in onnx.load(str(pre)).graph.initializer
+            if t.name.endswith(".weight") and t.name.rpartition(".")[0] in per_tensor}
         kept = set(nodes_kept_float(build / "float.onnx", pre, float_layers))
         heads = set(output_layer_nodes(onnx.load(str(pre)))) - kept
         kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
@@ -440,6 +444,40 @@ def describe(path: Path) -> dict:
     return json.loads((Path(path).parent / "describe.json").read_text())
 
 
+ORT_FLOAT, ORT_INT8, ORT_UINT8 = 1, 3, 2  # ONNX TensorProto data types
+
+
+def weights(path: Path) -> dict[str, tuple]:
+    """The ORT-format file's weight initializers (float or int8, two or more dimensions), read with ORT's own
+    flatbuffer schema, each with the axis of the DequantizeLinear that reads it where its scale is per channel."""
+    from onnxruntime.tools.ort_format_model.ort_flatbuffers_py.fbs import InferenceSession
+
+    graph = InferenceSession.InferenceSession.GetRootAs(Path(path).read_bytes(), 0).Model().Graph()
+    tensors = {t.Name().decode(): t for t in (graph.Initializers(i) for i in range(graph.InitializersLength()))}
+    # (weight input, scale input, the per-channel axis) of the ops that read int8 weights; the .ort file holds
+    # fused QLinearConv/QLinearMatMul where ORT's optimizer fused the DequantizeLinear into its op.
+    readers = {b"DequantizeLinear": (0, 1, None), b"QLinearConv": (3, 4, 0), b"QLinearMatMul": (3, 4, 1)}
+    axes = {}
+    for node in (graph.Nodes(i) for i in range(graph.NodesLength())):
+        w, sc, axis = readers.get(node.OpType(), (None, None, None))
+        if w is None or node.InputsLength() <= sc:
+            continue
+        scale = tensors.get(node.Inputs(sc).decode())
+        if scale is not None and scale.DimsLength() == 1 and int(scale.DimsAsNumpy()[0]) > 1:
+            if axis is None:  # DequantizeLinear's own attribute (default 1)
+                attrs = (node.Attributes(j) for j in range(node.AttributesLength()))
+                axis = next((a.I() for a in attrs if a.Name() == b"axis"), 1)
+            axes[node.Inputs(w).decode()] = axis
+    dtypes = {ORT_FLOAT: np.float32, ORT_INT8: np.int8, ORT_UINT8: np.uint8}
+    out = {}
+    for name, t in tensors.items():
+        if t.DataType() not in dtypes or t.DimsLength() < 2 or t.RawDataIsNone():
+            continue
+        dims = tuple(int(d) for d in t.DimsAsNumpy())
+        out[name] = (np.frombuffer(t.RawDataAsNumpy().tobytes(), dtypes[t.DataType()]).reshape(dims), axes.get(name))
+    return out
+
+
 def parse_onnxruntime_perf_test(text: str) -> dict:
     """``onnxruntime_perf_test -m times``: session creation (s), mean (ms), min/max/percentiles (s), peak
     working set (bytes)."""
@@ -478,4 +516,5 @@ BACKEND = Backend(
     "onnxruntime", "ONNX Runtime, ORT format for its mobile build (.ort)", ".ort",
     packages=("torch", "onnx", "onnxscript", "onnxruntime"), targets=("ort-mobile-int8", "ort-mobile-fp32"),
     qat=True, layer_errors=True,
-    calibration_methods=tuple(ORT_METHODS), platforms=("arm", "amd64", "amd64-vnni"), device_tool=DEVICE_TOOL)
+    calibration_methods=tuple(ORT_METHODS), platforms=("arm", "amd64", "amd64-vnni"), device_tool=DEVICE_TOOL,
+    weights=weights)

@@ -117,6 +117,7 @@ BACKEND = Backend(
     calibration_methods=("minmax",), float_layers=False,
     notes={"float_layers": "OpenVINO's conversion fuses BatchNorm into each convolution and renames it, so a "
                            "PyTorch layer name finds no op to keep in float",
+           "weights": "not read back from the IR here",
            "qat": "NNCF's QAT trains its own graph, not this pipeline's PT2E fake quantizers",
            "layer_errors": "no per-layer int8 error from OpenVINO here (the fallback ranks layers by output "
                            "sensitivity alone)"})

@@ -301,6 +301,23 @@ def qat_outputs(model: nn.Module, calibration: tuple[np.ndarray, ...], quantizer
     return predict(gm, split, batch_size=batch)
 
 
+def weights_per_tensor(gm, layers, weight_qspec) -> int:
+    """The Conv/Linear ops of these modules take ``weight_qspec`` (one scale per tensor) for their weight, in
+    place of the global per-channel spec. (A module-name config cannot do it: the quantizers' filters also test
+    the weight's own node, which carries no module path in an exported graph, so the layer went unquantized.)"""
+    wanted = {flat_name(name) for name in layers}
+    changed = 0
+    for n in gm.graph.nodes:
+        a = n.meta.get("quantization_annotation")
+        stack = n.meta.get("nn_module_stack") or {}
+        if n.op != "call_function" or not str(n.target).startswith(LAYER_OPS) or a is None or not stack \
+                or list(stack.values())[-1][0] not in wanted or len(n.args) < 2 or n.args[1] not in a.input_qspec_map:
+            continue
+        a.input_qspec_map[n.args[1]] = weight_qspec
+        changed += 1
+    return changed
+
+
 def keep_float(quantizer, layers) -> None:
     """Keep these modules in float: the accuracy-aware fallback.
 
@@ -387,8 +404,10 @@ class FusedActivations:
     ACTIVATIONS = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default")
     PRODUCERS = ("conv1d.default", "conv2d.default", "linear.default", "add.Tensor", "add_.Tensor")
 
-    def __init__(self, inner, output_layers=None, keep_outputs: bool = True, pads_into_convs: bool = False):
+    def __init__(self, inner, output_layers=None, keep_outputs: bool = True, pads_into_convs: bool = False,
+                 per_tensor_layers=(), per_tensor_weight=None):
         self.inner = inner
+        self.per_tensor = (per_tensor_layers, per_tensor_weight)  # see weights_per_tensor
         self.pads_into_convs = pads_into_convs  # XNNPACK: see leave_pads_to_their_convs
         self.output_layers = output_layers
         self.keep_outputs = keep_outputs  # False: outputs quantized like any tensor (QAT learns their range)
@@ -408,6 +427,8 @@ class FusedActivations:
                 self.inner.module_name_config.setdefault(layer, self.output_layers)
         gm = self.inner.annotate(gm)
         drop_unquantizable_annotations(gm)
+        if self.per_tensor[0]:
+            weights_per_tensor(gm, *self.per_tensor)
         fuse_activation_annotations(gm, self.ACTIVATIONS, self.PRODUCERS)
         if self.pads_into_convs:
             leave_pads_to_their_convs(gm)

@@ -33,7 +33,9 @@ def _quantizers(profile: Profile, float_layers, default: bool = False):
     # keep_outputs=False: litert-torch gives int8 outputs whatever the annotation (a float or dynamic head made
     # no difference to the converted file): the outputs stay static int8, over the range fitted to the rows
     # (pt2e.fit_output_ranges).
-    return q, pt2e.FusedActivations(q, keep_outputs=False)
+    return q, pt2e.FusedActivations(
+        q, keep_outputs=False, per_tensor_layers=profile.quantization.per_tensor_layers,
+        per_tensor_weight=get_symmetric_quantization_config(is_per_channel=False, is_dynamic=False).weight)
 
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
@@ -129,6 +131,30 @@ def describe(path: Path) -> dict:
     return json.loads((Path(path).parent / "describe.json").read_text())
 
 
+WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "CONV_3D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+
+
+def weights(path: Path) -> dict[str, tuple]:
+    """Each conv/fully-connected op's weight tensor as stored in the .tflite file, with its per-channel axis."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_path=str(path))
+    it.allocate_tensors()
+    details = {d["index"]: d for d in it.get_tensor_details()}
+    ops = it._get_ops_details()
+    produced = {o for op in ops for o in op["outputs"]} | {d["index"] for d in it.get_input_details()}
+    out = {}
+    for op in ops:
+        if op["op_name"] not in WEIGHTED_OPS or len(op["inputs"]) < 2 or op["inputs"][1] in produced:
+            continue
+        d = details[op["inputs"][1]]
+        q = d.get("quantization_parameters") or {}
+        per_channel = len(q.get("scales", ())) > 1
+        out[d["name"] or f"tensor_{d['index']}"] = (it.get_tensor(d["index"]).copy(),
+                                                    int(q["quantized_dimension"]) if per_channel else None)
+    return out
+
+
 def parse_benchmark_model(text: str) -> dict:
     """LiteRT ``benchmark_model``: init, first inference, the timed runs' count/min/max/avg/std (us), and the
     memory footprint delta from the tool's start (MB)."""
@@ -203,7 +229,7 @@ BACKEND = Backend(
     "tflite", "LiteRT (TFLite) through litert-torch (.tflite)", ".tflite",
     packages=("torch", "litert-torch", "ai-edge-litert"), targets=("tflite-int8", "tflite-fp32"),
     float_layers=False, qat=True,
-    calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL,
+    calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL, weights=weights,
     # Checked with litert-torch 0.10.0: layers left out of the PT2E annotation still came out int8-broken (an
     # MLP with both layers kept float scored as the all-int8 model).
     notes={"float_layers": "litert-torch int8-converts layers left out of the annotation all the same"})

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from edge_pipeline import progress
-from edge_pipeline.backends import artifact_bytes, get_backend, pt2e, spec
+from edge_pipeline.backends import artifact_bytes, artifact_gzip_bytes, artifact_weights, get_backend, pt2e, spec
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, example_inputs, predict, run_artifact
 from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
@@ -367,12 +367,35 @@ def write_golden(path: Path, data) -> None:
 def run(ctx, out: Path) -> dict:
     model, _ = ctx.model()
     profiles = [load_profile(t) for t in ctx.recipe.targets]
+    clustered = ctx.metrics.get("cluster")
+    if clustered:  # one int8 scale per clustered layer, so that the file holds each layer's 2^b values
+        profiles = [p.model_copy(update={"quantization": p.quantization.model_copy(update={
+            "per_tensor_layers": tuple(clustered["clustered_layers"])})}) for p in profiles]
     qat_states = {p.name: state for p in profiles if (state := ctx.qat_state(p.name)) is not None}
     result = lower_all(model, profiles, ctx.evaluator, ctx.calibration(), out, ctx.recipe.calibrate.sensitivity,
                        qat_states)
+    for m in result["targets"].values():
+        if m.get("artifact"):
+            m["download"] = download_facts(out / m["artifact"], clustered)
     write_golden(out / "golden.npz", ctx.data)
     (out / "targets.json").write_text(json.dumps(result["targets"], indent=1, default=str))
     return result
+
+
+def download_facts(path: Path, clustered: dict | None) -> dict:
+    """What a device downloads: the artifact compressed as the release archive is, and the distinct weight
+    values read back from the file; with a clustered model, what clustering changed. Also in describe.json."""
+    facts = {"bytes": artifact_bytes(path), "gzip_bytes": artifact_gzip_bytes(path),
+             "compression": "gzip level 9, as the release .tar.gz", "weights": artifact_weights(path)}
+    if clustered:
+        facts["clustering"] = (
+            f"{clustered['layers']} layers k-means clustered to {'/'.join(map(str, clustered['bits']))} bits: the "
+            "runtime computes with dense weights, so the file is its usual size and as fast; its weights hold at "
+            "most 2^b distinct values per layer (per output channel where int8 scales are per channel), which the "
+            "compressed download shows")
+    described = path.parent / "describe.json"
+    described.write_text(json.dumps({**json.loads(described.read_text()), "download": facts}, indent=1))
+    return facts
 
 
 def _summary(m: dict) -> str:
@@ -385,6 +408,7 @@ def _summary(m: dict) -> str:
     return text + (f"; ships {', '.join(shipped)}" if shipped else "")
 
 
-STAGE = Stage("lower", 5, ("teacher", "prune", "distill", "calibrate", "qat"), lambda r: targets_config(r.targets),
+STAGE = Stage("lower", 5, ("teacher", "prune", "distill", "cluster", "calibrate", "qat"),
+              lambda r: targets_config(r.targets),
               lambda r: bool(r.targets), command="Lower the model to every target's runtime format.",
               summary=_summary)

@@ -310,6 +310,6 @@ def run(ctx, out: Path) -> dict:
             "report": str(tar_path.with_name(bundle.name + ".report.html")), "seconds": time.time() - started}
 
 
-STAGE = Stage("package", 7, ("teacher", "prune", "distill", "calibrate", "qat", "lower", "device-test"),
+STAGE = Stage("package", 7, ("teacher", "prune", "distill", "cluster", "calibrate", "qat", "lower", "device-test"),
               lambda r: r.package.model_dump(), lambda r: bool(r.targets) and r.package.enabled,
               outputs=lambda m: [m["bundle"], m["tar"]], summary_keys=("tar_bytes",))

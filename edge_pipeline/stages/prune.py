@@ -17,7 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from edge_pipeline import progress
+from edge_pipeline import importance, progress
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator
 from edge_pipeline.modelio import save_model
@@ -25,7 +25,7 @@ from edge_pipeline.modelstats import model_stats
 from edge_pipeline.recipe import PruneConfig
 from edge_pipeline.sources import Splits
 from edge_pipeline.stages import Stage
-from edge_pipeline.training import seed_everything, tensors
+from edge_pipeline.training import seed_everything
 
 PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 SEARCH_RESOLUTION = 100  # a budget is searched in this many small pruning steps
@@ -85,28 +85,6 @@ def resolve_ignored(model: nn.Module, cfg: PruneConfig, where: str,
     return ignored
 
 
-def _importance(name: str):
-    return {"l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-            "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-            "bn_scale": tp.importance.BNScaleImportance,
-            "taylor": tp.importance.GroupTaylorImportance}[name]()
-
-
-def _taylor_grads(model: nn.Module, teacher: nn.Module, data: Splits, loss, batches: int = 4,
-                  batch_size: int = 64) -> None:
-    """First-order Taylor importance needs gradients of the loss (against the teacher) on a few batches."""
-    from edge_pipeline.interface import FlatModel
-
-    model.zero_grad()
-    model.eval()
-    for i, (inputs, y) in enumerate(data.train.batches(batch_size)):
-        if i == batches:
-            break
-        with torch.no_grad():
-            t_out = FlatModel(teacher)(*tensors(inputs))
-        loss(FlatModel(model)(*tensors(inputs)), t_out, None if y is None else torch.from_numpy(y)).backward()
-
-
 def _budget(cfg: PruneConfig, base: dict[str, int]) -> tuple[str, float] | None:
     for key, stat in (("max_macs", "macs"), ("max_params", "params")):
         v = getattr(cfg, key)
@@ -116,9 +94,12 @@ def _budget(cfg: PruneConfig, base: dict[str, int]) -> tuple[str, float] | None:
 
 
 def sensitivity_scan(model: nn.Module, ev: Evaluator, cfg: PruneConfig, ignored: list[nn.Module],
-                     example: tuple[torch.Tensor, ...]) -> dict[str, dict[str, float]]:
-    """Prune each prunable layer alone at each scan ratio (no fine-tune) and measure the metric's drop on val."""
+                     example: tuple[torch.Tensor, ...], data: Splits, loss) -> dict[str, dict[str, float]]:
+    """Prune each prunable layer alone at each scan ratio (no fine-tune), by the recipe's importance, and measure
+    the metric's drop on val. Gradient criteria are computed once on the model (each trial copies its .grad)."""
     base = ev.score_model(model, "val")
+    if cfg.importance in ("taylor", "obd"):
+        importance.prepare(cfg.importance, None, model, model, data, loss, cfg.obd_batches)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     names = {m: n for n, m in model.named_modules()}
     layers = [m for m in model.modules() if isinstance(m, PRUNABLE) and m not in ignored
@@ -132,7 +113,10 @@ def sensitivity_scan(model: nn.Module, ev: Evaluator, cfg: PruneConfig, ignored:
                 trial = _clone(model, state)
                 tmods = dict(trial.named_modules())
                 others = [tmods[names[m]] for m in model.modules() if isinstance(m, PRUNABLE) and m is not layer]
-                pruner = tp.pruner.BasePruner(trial, example, importance=_importance("l2"), pruning_ratio=r,
+                imp = importance.criterion(cfg.importance)
+                if cfg.importance == "entropy":
+                    importance.prepare("entropy", imp, trial, trial, data, loss, cfg.obd_batches)
+                pruner = tp.pruner.BasePruner(trial, example, importance=imp, pruning_ratio=r,
                                               ignored_layers=others, round_to=None)
                 pruner.step()
                 scan[name][str(r)] = ev.metric.drop(ev.score_model(trial, "val"), base) or 0.0
@@ -145,6 +129,9 @@ def _clone(model: nn.Module, state: dict) -> nn.Module:
 
     m = copy.deepcopy(model)
     m.load_state_dict(state)
+    for src, dst in zip(model.parameters(), m.parameters(), strict=True):  # deepcopy leaves .grad behind
+        if src.grad is not None:
+            dst.grad = src.grad.clone()
     return m.eval()
 
 
@@ -171,9 +158,10 @@ def check_config(cfg: PruneConfig, data: Splits, where: str) -> None:
                             where=f"{where}: prune")
     if cfg.max_macs is not None and cfg.max_params is not None:
         raise PipelineError("give one budget, max_macs or max_params, not both", where=f"{where}: prune")
-    if cfg.importance == "taylor" and data.train.y is None:
-        raise PipelineError("Taylor importance needs labels", where=f"{where}: prune.importance",
-                            hint="use l1, l2 or bn_scale for unlabeled data")
+    if cfg.importance in ("taylor", "obd") and data.train.y is None:
+        # Against the unpruned model alone the loss starts at its minimum, where every gradient is zero.
+        raise PipelineError(f"{cfg.importance} importance needs labels", where=f"{where}: prune.importance",
+                            hint="use l1, l2, bn_scale or entropy for unlabeled data")
 
 
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
@@ -207,11 +195,12 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, ev: Evaluator, where
         return _sparsify(model, teacher, data, cfg, ignored, base, acc_before, ev, loss)
 
     budget = _budget(cfg, base)
-    scan = sensitivity_scan(model, ev, cfg, ignored, example) if cfg.sensitivity_scan else None
+    scan = sensitivity_scan(model, ev, cfg, ignored, example, data, loss) if cfg.sensitivity_scan else None
     ratio_dict = _caps_from_scan(model, scan, cfg) if scan else None
     steps = cfg.iterative_steps if budget is None else SEARCH_RESOLUTION
+    imp = importance.criterion(cfg.importance)
     pruner = tp.pruner.BasePruner(
-        model, example, importance=_importance(cfg.importance), global_pruning=cfg.global_pruning,
+        model, example, importance=imp, global_pruning=cfg.global_pruning,
         pruning_ratio=cfg.ratio if budget is None else cfg.max_layer_ratio, pruning_ratio_dict=ratio_dict,
         max_pruning_ratio=cfg.max_layer_ratio, iterative_steps=steps, ignored_layers=ignored, round_to=cfg.round_to,
         num_heads=_attention_heads(model), output_transform=_flat_outputs,
@@ -223,8 +212,7 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, ev: Evaluator, where
     acc_pruned = None
     with progress.task("pruning", total=steps) as t:
         for _ in range(steps):
-            if cfg.importance == "taylor":
-                _taylor_grads(model, teacher, data, loss)
+            importance.prepare(cfg.importance, imp, model, teacher, data, loss, cfg.obd_batches)
             pruner.step()
             _fix_attention(model)
             t.advance()

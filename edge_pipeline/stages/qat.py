@@ -231,7 +231,7 @@ def _report(folder: Path, metrics: dict, targets: dict) -> str | None:
 
 
 STAGE = Stage(
-    "qat", 4, ("teacher", "prune", "distill", "calibrate"),
+    "qat", 4, ("teacher", "prune", "distill", "cluster", "calibrate"),
     lambda r: {**r.qat.model_dump(), **targets_config(r.targets),
                "loss": r.distill.model_dump(include={"alpha", "temperature", "soft_only", "logit_outputs"})},
     lambda r: bool(r.targets) and r.qat.mode != "off", check=lambda ctx: check_config(ctx.recipe, ctx.recipe_path),
