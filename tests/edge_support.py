@@ -47,6 +47,28 @@ def sigkill_mid_stage(args, run_dir: Path, stage_folder: str, checkpoint_glob: s
             proc.kill()
 
 
+def killed_then_resumed(args, recipe, run_dir: Path, stage: str, folder: str, description: str, epochs: int):
+    """SIGKILLs ``args`` mid-``stage`` (its folder ``folder``, its checkpoint ``.<stage>-resume-*``), checks that
+    nothing looks complete, runs the recipe again up to the stage and checks it resumed after the checkpointed
+    epoch (the note ``<description>: resumed after epoch N``) and removed the checkpoint. Returns that summary."""
+    import torch
+
+    from edge_pipeline import progress
+    from edge_pipeline.pipeline import run
+
+    sigkill_mid_stage(args, run_dir, folder, f".{stage}-resume-*")
+    assert not (run_dir / folder).exists(), "a killed stage must not look complete"
+    checkpoint = next(run_dir.glob(f".{stage}-resume-*"))
+    done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
+    notes = recorded_notes()
+    with progress.use_sink(notes):
+        resumed = run(recipe, until=stage)
+    assert f"{description}: resumed after epoch {done_before_kill}" in notes.said, notes.said
+    assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages[stage]["status"] == "ran"
+    assert 1 <= done_before_kill < epochs and not checkpoint.exists()
+    return resumed
+
+
 def recorded_notes():
     """A progress sink that keeps what the pipeline says (``.said``): training is deterministic, so only its
     notes tell a resume from a fresh start."""

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch_pruning as tp
-from edge_support import recorded_notes, sigkill_mid_stage
+from edge_support import killed_then_resumed
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edge_pipeline import clustering, importance, progress
+from edge_pipeline import clustering, importance
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.pipeline import run
 
@@ -119,16 +119,7 @@ def yaml_without_cluster(path):
 def test_the_cluster_fine_tune_resumes_after_sigkill_to_the_same_model(cluster_recipe, tmp_path):
     path = cluster_recipe(["tflite-fp32"], epochs=12)
     run_dir = tmp_path / "runs" / "tiny" / "default"
-    sigkill_mid_stage(["run", str(path)], run_dir, "03-cluster", ".cluster-resume-*")
-    assert not (run_dir / "03-cluster").exists(), "a killed stage must not look complete"
-    checkpoint = next(run_dir.glob(".cluster-resume-*"))
-    done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
-    notes = recorded_notes()
-    with progress.use_sink(notes):
-        resumed = run(path, until="cluster")
-    assert f"cluster fine-tune: resumed after epoch {done_before_kill}" in notes.said, notes.said
-    assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages["cluster"]["status"] == "ran"
-    assert 1 <= done_before_kill < 12 and not checkpoint.exists()
+    killed_then_resumed(["run", str(path)], path, run_dir, "cluster", "03-cluster", "cluster fine-tune", 12)
     straight = run(path, run_id="straight", until="cluster")
     a, b = (torch.load(d / "03-cluster" / "model.pt", weights_only=True) for d in (run_dir, straight.run_dir))
     # The resumed run ends where an unbroken one does, to float rounding (the killed run was another process,

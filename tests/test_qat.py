@@ -7,9 +7,8 @@ import json
 import pytest
 import torch
 import yaml
-from edge_support import ROOT, recorded_notes, sigkill_mid_stage
+from edge_support import ROOT, killed_then_resumed
 
-from edge_pipeline import progress
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.pipeline import run
 
@@ -49,17 +48,7 @@ def test_qat_stage_trains_once_per_quantizer_and_every_runtime_ships_its_model(w
 def test_qat_resumes_after_sigkill_to_the_same_trained_state(write_recipe, tmp_path):
     path = _qat_recipe(write_recipe, ["executorch-xnnpack-int8"], epochs=8)
     run_dir = tmp_path / "runs" / "tiny" / "default"
-    sigkill_mid_stage(["qat", str(path)], run_dir, "05-qat", ".qat-resume-*")
-    assert not (run_dir / "05-qat").exists(), "a killed stage must not look complete"
-    checkpoint = next(run_dir.glob(".qat-resume-*"))
-    done_before_kill = int(torch.load(checkpoint, weights_only=True)["epoch"])
-
-    notes = recorded_notes()
-    with progress.use_sink(notes):
-        resumed = run(path, until="qat")
-    assert f"QAT executorch-xnnpack-int8: resumed after epoch {done_before_kill}" in notes.said, notes.said
-    assert resumed.stages["teacher"]["status"] == "reused" and resumed.stages["qat"]["status"] == "ran"
-    assert 1 <= done_before_kill < 8 and not checkpoint.exists()
+    killed_then_resumed(["qat", str(path)], path, run_dir, "qat", "05-qat", "QAT executorch-xnnpack-int8", 8)
     curves = json.loads((run_dir / "05-qat" / "executorch-xnnpack-int8" / "curves.json").read_text())
     assert [c["epoch"] for c in curves] == list(range(1, 9))
     # Training is deterministic and the checkpoint holds everything (weights, BatchNorm statistics, fake-quantizer

@@ -104,7 +104,8 @@ def run(ctx, out: Path) -> dict:
             "clustered_weights": int(sum(dict(model.named_modules())[n].weight.numel() for n in layers)),
             "weights": int(sum(p.numel() for p in model.parameters())),
             "init": cfg.init, "metric": ev.metric.name, "val_metric_before": before,
-            "val_metric_clustered": clustered_val, "test_metric_clustered": clustered_test, "val_metric": ev.score_model(model, "val"),
+            "val_metric_clustered": clustered_val, "test_metric_clustered": clustered_test,
+            "val_metric": ev.score_model(model, "val"),
             "test_metric": ev.score_outputs(test, "test"), "epochs_run": len(curves), "best_epoch": best_epoch,
             "agreement_with_unclustered": agreement(test, predict(teacher, data.test), ev.names)["worst"]}
 
