@@ -23,10 +23,10 @@ from torch.nn.utils import parametrize
 from edge_pipeline.errors import PipelineError
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-INITS = ("linear", "density", "random")
+INITS = ("density", "linear", "random")
 
 
-def kmeans_1d(values: torch.Tensor, k: int, init: str = "linear", iterations: int = 30,
+def kmeans_1d(values: torch.Tensor, k: int, init: str = "density", iterations: int = 30,
               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(centres (k,), index of each value's centre): Lloyd's iterations in one dimension, where the nearest
     centre is found by the midpoints between sorted centres. ``init``: ``linear`` (evenly spaced between the
