@@ -29,10 +29,10 @@ INITS = ("density", "linear", "random")
 def kmeans_1d(values: torch.Tensor, k: int, init: str = "density", iterations: int = 30,
               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(centres (k,), index of each value's centre): Lloyd's iterations in one dimension, where the nearest
-    centre is found by the midpoints between sorted centres. ``init``: ``linear`` (evenly spaced between the
-    smallest and largest value: Deep Compression found it keeps the rare large weights best), ``density``
-    (quantiles: centres where the weights are dense), ``random`` (k distinct weights, seeded). A centre left
-    without weights keeps its place."""
+    centre is found by the midpoints between sorted centres. ``init``: ``density`` (quantiles: centres where
+    the weights are dense, each holding about as many), ``linear`` (evenly spaced between the smallest and
+    largest value: Deep Compression's choice, which keeps the rare large weights), ``random`` (k distinct
+    weights, seeded). A centre left without weights keeps its place."""
     v = values.detach().reshape(-1).double()
     if init == "linear":
         centres = torch.linspace(float(v.min()), float(v.max()), k, dtype=torch.float64)
