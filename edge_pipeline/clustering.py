@@ -84,14 +84,14 @@ def linear_codebook(w: torch.Tensor, bits: int) -> torch.Tensor:
 def graph_facts(model: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[list[tuple[str, str]], list[str]]:
     """(conv -> BatchNorm pairs where the BatchNorm is the conv output's only reader, the layers whose outputs
     are the model's outputs), by module path, from one ``torch.export`` of the model."""
-    from edge_pipeline.backends.pt2e import output_layers
+    from edge_pipeline.backends.pt2e import module_path, output_layers
     from edge_pipeline.interface import FlatModel
 
     gm = torch.export.export(FlatModel(model).eval(), example).module()
 
     def path(n) -> str | None:
-        stack = n.meta.get("nn_module_stack") or {}
-        return list(stack.values())[-1][0].removeprefix("model.") if stack else None
+        found = module_path(n)
+        return found.removeprefix("model.") if found else None
 
     pairs = []
     for n in gm.graph.nodes:
@@ -121,22 +121,18 @@ def fold_batch_norms(model: nn.Module, pairs: list[tuple[str, str]]) -> list[str
         conv.weight.mul_(scale.reshape(-1, *[1] * (conv.weight.dim() - 1)))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
         new_bias = bias * scale + shift
-        if conv.bias is None:
-            # A conv built without bias keeps none: the shift stays in the BatchNorm (still one value per channel).
-            bn.running_mean.zero_()
-            bn.running_var.fill_(1 - bn.eps)
-            if bn.affine:
-                bn.weight.fill_(1)
-                bn.bias.copy_(new_bias)
-            else:
-                bn.running_mean.copy_(-new_bias)
-        else:
+        # The BatchNorm becomes x + kept (variance 1 - eps, mean 0, scale 1): kept is 0 where the conv takes the
+        # bias, else the whole bias (a conv built without one keeps none; it stays one value per channel).
+        kept = torch.zeros_like(new_bias) if conv.bias is not None else new_bias
+        if conv.bias is not None:
             conv.bias.copy_(new_bias)
+        bn.running_var.fill_(1 - bn.eps)
+        if bn.affine:
             bn.running_mean.zero_()
-            bn.running_var.fill_(1 - bn.eps)
-            if bn.affine:
-                bn.weight.fill_(1)
-                bn.bias.zero_()
+            bn.weight.fill_(1)
+            bn.bias.copy_(kept)
+        else:
+            bn.running_mean.copy_(-kept)
         for p in bn.parameters():
             p.requires_grad_(False)
         folded.append(conv_name)

@@ -33,10 +33,11 @@ class PruneConfig(_Strict):
     enabled: bool = True
     method: Literal["structured", "unstructured", "2:4"] = "structured"
     # obd: Optimal Brain Damage, saliency 1/2 h w^2 with the Hessian diagonal h estimated by the squared
-    # per-row gradients of the loss against the unpruned model (the empirical Fisher) over obd_batches batches.
-    # entropy: the entropy of each channel's globally pooled activation over those batches (Luo & Wu 2017).
+    # per-row gradients of the loss against the unpruned model (the empirical Fisher); entropy: the entropy of
+    # each channel's globally pooled activation (Luo & Wu 2017). taylor, obd and entropy read the first
+    # importance_batches batches of the train split.
     importance: Literal["l1", "l2", "bn_scale", "taylor", "obd", "entropy"] = "l2"
-    obd_batches: int = Field(4, ge=1)
+    importance_batches: int = Field(4, ge=1)
     # Exactly one target: a channel ratio, or a budget (absolute or as a fraction of the teacher).
     ratio: float | None = Field(None, gt=0, lt=1)
     max_macs: float | None = Field(None, gt=0)

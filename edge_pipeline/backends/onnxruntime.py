@@ -70,12 +70,13 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
             extra["CalibMovingAverage"] = True
         if q.method == "percentile":
             extra["CalibPercentile"] = q.percentile
+        pre_model = onnx.load(str(pre))
         per_tensor = {flat_name(layer) for layer in q.per_tensor_layers}
         extra["TensorQuantOverrides"] = {  # an override without "axis" is one scale for the tensor
-            t.name: [{"symmetric": True}] for t in onnx.load(str(pre)).graph.initializer
+            t.name: [{"symmetric": True}] for t in pre_model.graph.initializer
             if t.name.endswith(".weight") and t.name.rpartition(".")[0] in per_tensor}
         kept = set(nodes_kept_float(build / "float.onnx", pre, float_layers))
-        heads = set(output_layer_nodes(onnx.load(str(pre)))) - kept
+        heads = set(output_layer_nodes(pre_model)) - kept
         kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                       reduce_range=reduces_range(profile), extra_options=extra,
                       calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]),

@@ -309,9 +309,8 @@ def weights_per_tensor(gm, layers, weight_qspec) -> int:
     changed = 0
     for n in gm.graph.nodes:
         a = n.meta.get("quantization_annotation")
-        stack = n.meta.get("nn_module_stack") or {}
-        if n.op != "call_function" or not str(n.target).startswith(LAYER_OPS) or a is None or not stack \
-                or list(stack.values())[-1][0] not in wanted or len(n.args) < 2 or n.args[1] not in a.input_qspec_map:
+        if n.op != "call_function" or not str(n.target).startswith(LAYER_OPS) or a is None \
+                or module_path(n) not in wanted or len(n.args) < 2 or n.args[1] not in a.input_qspec_map:
             continue
         a.input_qspec_map[n.args[1]] = weight_qspec
         changed += 1
@@ -535,10 +534,15 @@ def output_layers(gm: torch.fx.GraphModule) -> list[str]:
     for n in out.all_input_nodes:
         while n.op == "call_function" and _op(n).split(".")[0] in SHAPE_OPS and n.all_input_nodes:
             n = n.all_input_nodes[0]
-        stack = n.meta.get("nn_module_stack") or {}
-        if n.op == "call_function" and str(n.target).startswith(LAYER_OPS) and stack:
-            found.append(list(stack.values())[-1][0])
+        if n.op == "call_function" and str(n.target).startswith(LAYER_OPS) and module_path(n):
+            found.append(module_path(n))
     return found
+
+
+def module_path(node) -> str | None:
+    """The path of the module an exported graph's node came from (the innermost on its stack), or None."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else None
 
 
 def _op(n) -> str:
@@ -654,9 +658,9 @@ def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tu
     compared = compare_results(*logged)
     sqnr = {}
     for info, summary in compared.items():
-        noise = [10 ** (-float(r.sqnr) / 10) for r in summary.results if torch.isfinite(r.sqnr)]
         if info.name in clipped:
             continue
+        noise = [10 ** (-float(r.sqnr) / 10) for r in summary.results if torch.isfinite(r.sqnr)]
         sqnr[info.name] = float("inf") if not noise else -10 * float(np.log10(max(np.mean(noise), 1e-30)))
     ops, alias = [], {}
     for node in float_logged.graph.nodes:
@@ -665,10 +669,9 @@ def layer_errors(model: nn.Module, calibration: tuple[np.ndarray, ...], rows: tu
             continue
         if node.op != "call_function":
             continue
-        stack = node.meta.get("nn_module_stack") or {}
         layer = None
-        if str(node.target).startswith(LAYER_OPS) and stack:
-            layer = list(stack.values())[-1][0].removeprefix("model.")  # paths inside FlatModel
+        if str(node.target).startswith(LAYER_OPS) and module_path(node):
+            layer = module_path(node).removeprefix("model.")  # paths inside FlatModel
         source = next((alias.get(a.name, a.name) for a in node.args if isinstance(a, torch.fx.Node)), None)
         ops.append((node.name, layer, source))
     return blame(ops, sqnr)

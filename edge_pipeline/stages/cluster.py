@@ -2,14 +2,15 @@
 fine-tune of the centres with the distill loss against the unclustered model, resumable after a kill.
 
 What it buys on the runtimes here: none of them computes with a codebook, so a clustered model ships as each
-target's usual artifact, whose weights then hold at most 2^b distinct values per layer (int8 per-channel
-weights: per output channel, each channel's scale being its own). What shrinks is the download: lower records
-each artifact's size compressed (``describe.json``: ``compressed``) and the distinct weight values read back
-from the file where the backend can read its weights.
+target's usual kind of artifact, as fast, whose weights hold at most 2^b distinct values per layer (lower gives
+clustered layers one int8 weight scale per tensor where the backend takes it). What shrinks is the download:
+lower records each artifact's size compressed (``describe.json``: ``download``) and the distinct weight values
+read back from the file where the backend can read its weights.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def run(ctx, out: Path) -> dict:
     cfg, ev, data, where = ctx.recipe.cluster, ctx.evaluator, ctx.data, ctx.recipe_path
     seed_everything(cfg.seed)
     teacher, arch = ctx.model()
-    model, _ = ctx.model()
+    model = copy.deepcopy(teacher)
     example = tuple(torch.from_numpy(a[:1]) for a in data.example)
     pairs, heads = clustering.graph_facts(model, example)
     folded = clustering.fold_batch_norms(model.eval(), pairs)
@@ -88,8 +89,9 @@ def run(ctx, out: Path) -> dict:
         teacher.cpu()
         curves, best_epoch = fit.curves, fit.best_epoch
         resume.unlink(missing_ok=True)
+    mods = dict(model.named_modules())
     for name, info in layers.items():  # the centres after the fine-tune
-        info["centres_used"] = int(torch.unique(dict(model.named_modules())[name].weight.detach()).numel())
+        info["centres_used"] = int(torch.unique(mods[name].weight.detach()).numel())
     clustering.bake(model)
     model.eval()
     save_model(model, arch, out / "model.pt")
@@ -101,7 +103,7 @@ def run(ctx, out: Path) -> dict:
     return {"layers": len(layers), "clustered_layers": list(layers),
             "bits": sorted({v["bits"] for v in layers.values()}),
             "batchnorms_folded": len(folded), "max_distinct_weights": most,
-            "clustered_weights": int(sum(dict(model.named_modules())[n].weight.numel() for n in layers)),
+            "clustered_weights": int(sum(mods[n].weight.numel() for n in layers)),
             "weights": int(sum(p.numel() for p in model.parameters())),
             "init": cfg.init, "metric": ev.metric.name, "val_metric_before": before,
             "val_metric_clustered": clustered_val, "test_metric_clustered": clustered_test,
@@ -122,5 +124,5 @@ STAGE = Stage("cluster", 2.5, ("teacher", "prune", "distill"), lambda r: r.clust
                                  f"{'/'.join(map(str, d['bits']))} bits ({d['init']} initialisation; at most "
                                  f"{d['max_distinct_weights']} distinct values per layer), BatchNorm folded first; "
                                  f"test {m.get('metric') or 'metric'} {fmt_metric(d.get('test_metric'))}. The "
-                                 f"runtimes compute with dense weights: clustering shrinks the compressed download, "
-                                 f"not the file or its speed."))
+                                 f"runtimes compute with dense weights: clustering shrinks the compressed download "
+                                 f"(and int8 files by their per-channel weight scales), not the speed."))

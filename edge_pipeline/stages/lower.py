@@ -58,8 +58,7 @@ def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...],
                 best = (node, base, op)
     if best is not None:
         node, _, op = best
-        stack = node.meta.get("nn_module_stack") or {}
-        path = list(stack.values())[-1][0] if stack else node.name
+        path = pt2e.module_path(node) or node.name
         where = "" if path == "model" else path.removeprefix("model.")  # paths inside FlatModel
         return text, f"op {op} in module '{where or '(top level)'}'", where or None
     m = re.search(r"([A-Za-z_]+::[A-Za-z_0-9.]+|aten\.[A-Za-z_0-9.]+)", text)
@@ -390,9 +389,9 @@ def download_facts(path: Path, clustered: dict | None) -> dict:
     if clustered:
         facts["clustering"] = (
             f"{clustered['layers']} layers k-means clustered to {'/'.join(map(str, clustered['bits']))} bits: the "
-            "runtime computes with dense weights, so the file is its usual size and as fast; its weights hold at "
-            "most 2^b distinct values per layer (per output channel where int8 scales are per channel), which the "
-            "compressed download shows")
+            "runtime computes with dense weights, so it is as fast as unclustered; the weights hold at most 2^b "
+            "distinct values per layer (int8 builds give clustered layers one weight scale per tensor where the "
+            "backend takes it; else per output channel), which the compressed download shows")
     described = path.parent / "describe.json"
     described.write_text(json.dumps({**json.loads(described.read_text()), "download": facts}, indent=1))
     return facts

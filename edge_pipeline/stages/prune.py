@@ -99,7 +99,7 @@ def sensitivity_scan(model: nn.Module, ev: Evaluator, cfg: PruneConfig, ignored:
     the metric's drop on val. Gradient criteria are computed once on the model (each trial copies its .grad)."""
     base = ev.score_model(model, "val")
     if cfg.importance in ("taylor", "obd"):
-        importance.prepare(cfg.importance, None, model, model, data, loss, cfg.obd_batches)
+        importance.prepare(cfg.importance, None, model, model, data, loss, cfg.importance_batches)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     names = {m: n for n, m in model.named_modules()}
     layers = [m for m in model.modules() if isinstance(m, PRUNABLE) and m not in ignored
@@ -115,7 +115,7 @@ def sensitivity_scan(model: nn.Module, ev: Evaluator, cfg: PruneConfig, ignored:
                 others = [tmods[names[m]] for m in model.modules() if isinstance(m, PRUNABLE) and m is not layer]
                 imp = importance.criterion(cfg.importance)
                 if cfg.importance == "entropy":
-                    importance.prepare("entropy", imp, trial, trial, data, loss, cfg.obd_batches)
+                    importance.prepare("entropy", imp, trial, trial, data, loss, cfg.importance_batches)
                 pruner = tp.pruner.BasePruner(trial, example, importance=imp, pruning_ratio=r,
                                               ignored_layers=others, round_to=None)
                 pruner.step()
@@ -212,7 +212,7 @@ def prune(model: nn.Module, data: Splits, cfg: PruneConfig, ev: Evaluator, where
     acc_pruned = None
     with progress.task("pruning", total=steps) as t:
         for _ in range(steps):
-            importance.prepare(cfg.importance, imp, model, teacher, data, loss, cfg.obd_batches)
+            importance.prepare(cfg.importance, imp, model, teacher, data, loss, cfg.importance_batches)
             pruner.step()
             _fix_attention(model)
             t.advance()
