@@ -30,6 +30,7 @@ from edge_pipeline.errors import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNREACHABLE,
+    BudgetFailure,
     PipelineError,
 )
 from edge_pipeline.profiles import overhead_line
@@ -200,20 +201,20 @@ def _stdout_to_stderr():
 def _run_command(recipe, out_dir, run_id, from_stage, only, force, as_json, until=None):
     from edge_pipeline import pipeline
 
-    with _stdout_to_stderr() if as_json else contextlib.nullcontext():
-        summary = _with_progress(lambda: pipeline.run(recipe, out=out_dir, run_id=run_id, from_stage=from_stage,
-                                                      only=only, force=force, until=until))
+    try:
+        with _stdout_to_stderr() if as_json else contextlib.nullcontext():
+            summary = _with_progress(lambda: pipeline.run(recipe, out=out_dir, run_id=run_id, from_stage=from_stage,
+                                                          only=only, force=force, until=until))
+    except BudgetFailure as e:  # package refused failing targets: show what failed before the error itself
+        run_dir = getattr(e, "run_dir", None)
+        if run_dir is not None and (run_dir / "run.json").is_file():
+            run_json = json.loads((run_dir / "run.json").read_text())
+            _print_outcome(run_json, run_dir, run_json.get("failed_targets", []))
+        raise
     if as_json:
         print(json.dumps(summary.run_json, indent=1, default=str))
     _print_summary(summary)
-    stages = summary.run_json.get("stages", {})
-    dev, lowered = stages.get("device-test"), stages.get("lower", {}).get("metrics", {}).get("targets", {})
-    if dev:
-        _print_targets(console, dev["metrics"]["results"], "targets × devices", lowered)
-    _print_failures(summary.failed_targets, lowered, dev["metrics"]["results"] if dev else {})
-    report = summary.run_dir / "report.html"
-    if report.is_file():
-        console.print(f"report: {report}")
+    _print_outcome(summary.run_json, summary.run_dir, summary.failed_targets)
     pkg = summary.run_json.get("stages", {}).get("package")
     if pkg:
         console.print(f"bundle: {pkg['metrics']['bundle']}  archive: {pkg['metrics']['tar']}", highlight=False)
@@ -259,6 +260,18 @@ def _stage_command(stage: str, help_text: str):
 for _stage in stages():
     if _stage.command:
         _stage_command(_stage.name, _stage.command)
+
+
+def _print_outcome(run_json: dict, run_dir, failed: list[str]) -> None:
+    """The targets x devices table, every check a failed target missed, and where the report is."""
+    stages = run_json.get("stages", {})
+    dev, lowered = stages.get("device-test"), stages.get("lower", {}).get("metrics", {}).get("targets", {})
+    if dev:
+        _print_targets(console, dev["metrics"]["results"], "targets × devices", lowered)
+    _print_failures(failed, lowered, dev["metrics"]["results"] if dev else {})
+    report = run_dir / "report.html"
+    if report.is_file():
+        console.print(f"report: {report}")
 
 
 def _print_failures(failed: list[str], lowered: dict, results: dict) -> None:

@@ -184,6 +184,7 @@ def _run_locked(recipe: Recipe, recipe_path, store: RunStore, ddp: bool, from_st
         status = ("failed-targets" if isinstance(e, BudgetFailure) else
                   "devices-unreachable" if isinstance(e, DevicesUnreachable) else "failed")
         _record_failure(ctx, recipe_doc, ddp, status, e)
+        e.run_dir = store.dir  # the CLI shows that run's targets table above the error
         raise
     except KeyboardInterrupt as e:
         _record_failure(ctx, recipe_doc, ddp, "interrupted", e)

@@ -151,12 +151,15 @@ def test_exit_1_lists_each_failed_check_with_its_figure_and_a_report_is_written(
     recipe.write_text(yaml.safe_dump({"name": "tiny", "model": "zoo:digits-cnn", "data": "zoo:digits",
                                       "train": {"epochs": 1}, "prune": {"enabled": False},
                                       "distill": {"enabled": False}, "targets": [str(profile)],
-                                      "device_test": {"runs": 3, "warmup": 1}, "package": {"enabled": False},
+                                      "device_test": {"runs": 3, "warmup": 1},
                                       "output": str(tmp_path / "runs")}))
     res = run_cli("run", recipe, cwd=tmp_path, timeout=600)
     assert res.returncode == 1, res.stderr[-3000:]
     said = " ".join(res.stderr.split())
-    assert "targets that failed: tiny-ort" in said
+    # package refuses the failing target; the table and each miss still come before its error
+    assert "targets × devices" in said and "stage package failed" in said, said[-2000:]
+    assert said.index("targets that failed: tiny-ort") < said.index("stage package failed")
+    assert not (tmp_path / "dist").exists() or not any((tmp_path / "dist").iterdir()), "no bundle of a failed run"
     assert "tiny-ort lower: size" in said and "> max_size_bytes 1000" in said, said[-2000:]
     run_dir = tmp_path / "runs" / "tiny" / "default"
     doc = json.loads((run_dir / "run.json").read_text())
