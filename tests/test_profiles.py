@@ -78,3 +78,42 @@ def test_a_pad_before_a_strided_conv_runs_int8_in_executorch(pad_model, tmp_path
         want = model(torch.from_numpy(x[:8])).numpy()
     cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
     assert cos > 0.99, cos
+
+
+class ResidualsAfterPad(nn.Module):
+    """A TF-style pad before a strided depthwise convolution, then two residual adds in a row (the second
+    reads the first), as in EfficientNet's stages."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, stride=2, groups=16)
+        self.pw = nn.ModuleList(nn.Conv2d(16, 16, 1) for _ in range(3))
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = self.pw[0](F.relu(self.dw(F.pad(x, (0, 1, 0, 1)))))
+        a = y + self.pw[1](F.relu(y))
+        return a + self.pw[2](F.relu(a))
+
+
+def test_litert_int8_keeps_pads_and_residual_adds_in_int8_nhwc(tmp_path):
+    """No layout transposes around the pad (it folds into its convolution, as in fp32) and no float island
+    around the second add: the int8 file has the fp32 file's ops and the outputs still match."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    torch.manual_seed(0)
+    model, x = ResidualsAfterPad().eval(), np.random.default_rng(0).random((48, 3, 16, 16), dtype=np.float32)
+    kinds = {}
+    for target in ("tflite-int8", "tflite-fp32"):
+        it = Interpreter(model_path=str(_lowered(tmp_path, target, model, x)),
+                         experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        kinds[target] = sorted(o["op_name"] for o in it._get_ops_details())
+    assert kinds["tflite-int8"] == kinds["tflite-fp32"], "\n".join(map(str, kinds.values()))
+    assert "QUANTIZE" not in kinds["tflite-int8"] and "DEQUANTIZE" not in kinds["tflite-int8"]
+    artifact = runner.Model(str(tmp_path / "tflite-int8" / "model.tflite"), 1)
+    got = np.concatenate([artifact.run([x[i:i + 1]])[0] for i in range(8)])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x[:8])).numpy()
+    cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cos > 0.99, cos

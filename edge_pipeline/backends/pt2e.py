@@ -425,6 +425,9 @@ class FusedActivations:
             for layer in output_layers(gm):
                 self.inner.module_name_config.setdefault(layer, self.output_layers)
         gm = self.inner.annotate(gm)
+        config = getattr(self.inner, "global_config", None)
+        if getattr(config, "output_activation", None) is not None:
+            annotate_between_quantized(gm, config.output_activation)
         drop_unquantizable_annotations(gm)
         if self.per_tensor[0]:
             weights_per_tensor(gm, *self.per_tensor)
@@ -521,6 +524,57 @@ def own_range_for_global_pools(gm) -> int:
         a.output_qspec = own
         changed += 1
     return changed
+
+
+# Ops whose int8 kernels take any input and output scales, and how many tensor inputs each reads.
+INT8_ELEMENTWISE = {"add.Tensor": 2, "add_.Tensor": 2, "mul.Tensor": 2, "relu.default": 1, "relu_.default": 1,
+                    "hardtanh.default": 1, "hardtanh_.default": 1}
+
+
+def annotate_between_quantized(gm, spec) -> int:
+    """An add, multiply or ReLU of quantized tensors that the quantizer left unannotated gets ``spec`` on its
+    inputs and output.
+
+    litert-torch's annotators find these ops by their source function, which torch.export no longer records, so
+    they annotate none: such an op still became int8 through its neighbours' quantize/dequantize pairs, but where
+    it reads another unannotated op (residual adds in a row) the converter ran both in float between DEQUANTIZE
+    and QUANTIZE ops (EfficientNet-Lite0: 4 of its 9 adds). Its conv annotator also fuses a ReLU into a
+    convolution whose raw output another op reads: that output gets ``spec`` too. Nodes are visited in graph
+    order, so a chain is annotated from its first op. Returns how many annotations were added."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    key, quantized, added = "quantization_annotation", set(), 0
+    for n in gm.graph.nodes:
+        a = n.meta.get(key)
+        if a is not None and a.output_qspec is None and len(n.users) > 1 and _float_tensor(n) \
+                and any(_fused_into(u, n) for u in n.users):
+            a.output_qspec = spec  # a conv fused with its ReLU whose raw output is read elsewhere too
+            added += 1
+        if a is not None:
+            if a.output_qspec is not None:
+                quantized.add(n)
+            continue
+        if n.op != "call_function" or _op(n) not in INT8_ELEMENTWISE or not _float_tensor(n):
+            continue
+        ins = [x for x in n.args[:INT8_ELEMENTWISE[_op(n)]] if isinstance(x, torch.fx.Node)]
+        if len(ins) == INT8_ELEMENTWISE[_op(n)] and all(x in quantized and _float_tensor(x) for x in ins):
+            n.meta[key] = QuantizationAnnotation(input_qspec_map=dict.fromkeys(ins, spec), output_qspec=spec,
+                                                 _annotated=True)
+            quantized.add(n)
+            added += 1
+    return added
+
+
+def _fused_into(user, producer) -> bool:
+    """``user`` is an activation annotated as fused with ``producer``: its output quantized, its input not."""
+    a = user.meta.get("quantization_annotation")
+    return (user.op == "call_function" and _op(user) in INT8_ELEMENTWISE and INT8_ELEMENTWISE[_op(user)] == 1
+            and a is not None and a.output_qspec is not None and producer not in a.input_qspec_map)
+
+
+def _float_tensor(node) -> bool:
+    val = node.meta.get("val")
+    return isinstance(val, torch.Tensor) and val.is_floating_point()
 
 
 SHAPE_OPS = ("view", "reshape", "flatten", "squeeze", "unsqueeze", "permute", "transpose", "clone", "contiguous",
