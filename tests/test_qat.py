@@ -111,3 +111,44 @@ def test_qat_beats_post_training_int8_on_per_tensor_pretrained_efficientnet(tmp_
     cmp = lower["targets"]["executorch-xnnpack-int8-per-tensor"]["qat"]
     assert fp32 - cmp["ptq"]["test_metric"] > 0.01, "the case is one where post-training int8 loses"
     assert cmp["qat"]["test_metric"] - cmp["ptq"]["test_metric"] > 0.01 and cmp["shipped"] == "qat", (cmp, fp32)
+
+
+def test_ort_qat_export_has_no_clip_or_pad_between_quantize_ops(tmp_path):
+    """The QAT graph exported to QDQ ONNX: ReLU6 fused into its conv + BatchNorm (one quantize after the Clip,
+    whose range lies inside it, so the Clip is dropped) and the zero pad moved into the strided conv, as
+    ``quantize_static`` builds them; the ORT file still computes what the QAT graph does in PyTorch."""
+    import numpy as np
+    import onnx
+    from torch import nn
+    from torch.nn import functional as F
+
+    from edge_pipeline.backends import onnxruntime as ob
+    from edge_pipeline.backends import pt2e
+    from edge_pipeline.harness import runner
+    from edge_pipeline.interface import FlatModel, discover
+    from edge_pipeline.targets import load_profile
+
+    class PadReLU6(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
+            self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, groups=16), nn.BatchNorm2d(16), nn.ReLU6())
+            self.head = nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.dw(F.pad(self.stem(x), (0, 1, 0, 1))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model, profile = FlatModel(PadReLU6().eval()), load_profile("ort-x86-int8")
+    x = np.random.default_rng(0).random((32, 3, 16, 16), dtype=np.float32)
+    prepared, _ = pt2e.prepare_qat(model, (x,), ob.qat_quantizer(profile))
+    with torch.no_grad():  # the fake quantizers' ranges, as a short QAT run leaves them
+        prepared(torch.from_numpy(x))
+    state = prepared.state_dict()
+    path = ob.export(model, (torch.from_numpy(x[:1]),), (x,), profile, tmp_path, discover(model, (x[:1],)),
+                     fixtures=False, qat=state)
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    assert not ops & {"Clip", "Pad"}, ops
+    want = pt2e.convert_qat(model, (x,), ob.qat_quantizer(profile), state)(torch.from_numpy(x[:8]))[0]
+    got = np.concatenate([runner.Model(str(path), 1).run([x[i:i + 1]])[0] for i in range(8)])
+    assert np.abs(got - want.detach().numpy()).max() <= 0.05 * np.abs(want.detach().numpy()).max()

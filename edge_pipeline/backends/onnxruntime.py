@@ -116,7 +116,81 @@ def _qat_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
 
     gm = pt2e.convert_qat(model, calibration, qat_quantizer(profile), qat)
     _save_onnx(gm, example, build / "qdq.onnx", iface)
+    fold_clips_and_pads(build / "qdq.onnx")
     return build / "qdq.onnx"
+
+
+def fold_clips_and_pads(path: Path) -> dict[str, int]:
+    """What ``quantize_static`` (after ``quant_pre_process``) leaves out of a QDQ graph, taken out of an exported
+    one: a Clip whose every reader is a QuantizeLinear whose range lies inside the Clip's (the quantizer saturates
+    there anyway), and a zero Pad over height and width before a QuantizeLinear -> DequantizeLinear -> Conv, moved
+    into the Conv's own ``pads``. Left in, both ran in float between dequantize and quantize ops: the QAT
+    EfficientNet-Lite0 file ran 1.8x slower than the post-training one. Returns how many of each were folded."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+
+    def value(name, default=None):
+        return consts.get(name, default) if name else default
+
+    def q_range(q):
+        scale, zp = value(q.input[1]), value(q.input[2] if len(q.input) > 2 else "", np.zeros((), np.uint8))
+        if scale is None or zp is None or scale.size != 1:
+            return None
+        info = np.iinfo(zp.dtype)
+        return float(scale) * (info.min - int(zp)), float(scale) * (info.max - int(zp)), float(scale)
+
+    def rename_input(old: str, new: str) -> None:
+        for r in readers.get(old, []):
+            r.input[:] = [new if i == old else i for i in r.input]
+
+    dropped, folded = [], {"clip": 0, "pad": 0}
+    for n in graph.node:
+        if n.op_type == "Clip" and len(n.input) >= 3:
+            lo, hi = value(n.input[1]), value(n.input[2])
+            users = readers.get(n.output[0], [])
+            ranges = [q_range(u) if u.op_type == "QuantizeLinear" else None for u in users]
+            if lo is None or hi is None or not users or None in ranges or any(
+                    r[0] < float(lo) - 0.01 * r[2] or r[1] > float(hi) + 0.01 * r[2] for r in ranges):
+                continue
+            rename_input(n.output[0], n.input[0])
+            dropped.append(n)
+            folded["clip"] += 1
+        elif n.op_type == "Pad" and len(n.input) in (2, 3):
+            pads, fill = value(n.input[1]), value(n.input[2] if len(n.input) > 2 else "", np.zeros(()))
+            mode = next((a.s for a in n.attribute if a.name == "mode"), b"constant")
+            q = readers.get(n.output[0], [])
+            dq = readers.get(q[0].output[0], []) if len(q) == 1 and q[0].op_type == "QuantizeLinear" else []
+            convs = readers.get(dq[0].output[0], []) if len(dq) == 1 and dq[0].op_type == "DequantizeLinear" else []
+            if pads is None or fill is None or mode != b"constant" or float(fill) != 0 or len(pads) != 8 \
+                    or (pads < 0).any() or pads[[0, 1, 4, 5]].any() or not convs or any(
+                        c.op_type != "Conv" or c.input[0] != dq[0].output[0]
+                        or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in c.attribute)
+                        for c in convs):
+                continue
+            for c in convs:
+                attr = next((a for a in c.attribute if a.name == "pads"), None)
+                old = list(attr.ints) if attr is not None else [0, 0, 0, 0]
+                new = [old[0] + int(pads[2]), old[1] + int(pads[3]), old[2] + int(pads[6]), old[3] + int(pads[7])]
+                if attr is not None:
+                    c.attribute.remove(attr)
+                c.attribute.append(onnx.helper.make_attribute("pads", new))
+            q[0].input[0] = n.input[0]
+            dropped.append(n)
+            folded["pad"] += 1
+    for n in dropped:
+        graph.node.remove(n)
+    onnx.save(model, str(path))
+    return folded
 
 
 def reduces_range(profile: Profile) -> bool:

@@ -401,7 +401,10 @@ class FusedActivations:
     """
 
     ACTIVATIONS = ("relu.default", "relu_.default", "hardtanh.default", "hardtanh_.default")
-    PRODUCERS = ("conv1d.default", "conv2d.default", "linear.default", "add.Tensor", "add_.Tensor")
+    # batch_norm: a QAT graph keeps conv -> BatchNorm -> activation until prepare folds them (post-training
+    # graphs have BatchNorm folded before annotation)
+    PRODUCERS = ("conv1d.default", "conv2d.default", "linear.default", "add.Tensor", "add_.Tensor",
+                 "batch_norm.default")
 
     def __init__(self, inner, output_layers=None, keep_outputs: bool = True, pads_into_convs: bool = False,
                  per_tensor_layers=(), per_tensor_weight=None):
