@@ -117,3 +117,26 @@ def test_litert_int8_keeps_pads_and_residual_adds_in_int8_nhwc(tmp_path):
         want = model(torch.from_numpy(x[:8])).numpy()
     cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
     assert cos > 0.99, cos
+
+
+def test_ort_x86_int8_runs_every_conv_and_add_in_int8(tmp_path):
+    """x86 files take uint8 activations: ORT's optimizer then fuses every conv and residual add into int8 kernels
+    (with int8 activations it left a projection conv and both adds in float between dequantize and quantize)."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model, x = ResidualsAfterPad().eval(), np.random.default_rng(0).random((48, 3, 16, 16), dtype=np.float32)
+    path = _lowered(tmp_path, "ort-x86-int8", model, x)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "ort-x86-int8" / "model.onnx"), options,
+                         providers=["CPUExecutionProvider"])
+    kinds = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert kinds.count("QLinearConv") == 5 and kinds.count("QLinearAdd") == 2, kinds
+    assert not {"Conv", "Add"} & set(kinds), kinds
+    got = np.concatenate([runner.Model(str(path), 1).run([x[i:i + 1]])[0] for i in range(8)])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x[:8])).numpy()
+    cos = (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want)
+    assert cos > 0.99, cos

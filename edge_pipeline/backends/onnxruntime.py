@@ -77,7 +77,7 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
             if t.name.endswith(".weight") and t.name.rpartition(".")[0] in per_tensor}
         kept = set(nodes_kept_float(build / "float.onnx", pre, float_layers))
         heads = set(output_layer_nodes(pre_model)) - kept
-        kwargs = dict(per_channel=q.per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+        kwargs = dict(per_channel=q.per_channel, activation_type=activation_type(profile), weight_type=QuantType.QInt8,
                       reduce_range=reduces_range(profile), extra_options=extra,
                       calibrate_method=getattr(CalibrationMethod, ORT_METHODS[q.method]),
                       nodes_to_exclude=sorted(kept | heads))
@@ -191,6 +191,18 @@ def fold_clips_and_pads(path: Path) -> dict[str, int]:
         graph.node.remove(n)
     onnx.save(model, str(path))
     return folded
+
+
+def activation_type(profile: Profile):
+    """uint8 activations for x86 files, int8 for arm. ORT's x86 kernels multiply uint8 activations by int8 weights
+    (VNNI's instruction takes exactly that); given int8 activations, its graph optimizer fused only some convs
+    into QLinearConv and ran the rest in float between dequantize and quantize: EfficientNet-Lite0's amd64 file
+    had 14 of 49 convs and all 9 adds in float, 30 layout transposes, and ran at about fp32's speed; with uint8
+    activations every conv and add is int8 and it ran at 0.65x fp32 (BENCHMARKS.md). Arm's kernels take int8
+    activations (sdot)."""
+    from onnxruntime.quantization import QuantType
+
+    return QuantType.QUInt8 if profile.platform.startswith("amd64") else QuantType.QInt8
 
 
 def reduces_range(profile: Profile) -> bool:
