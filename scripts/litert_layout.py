@@ -9,22 +9,17 @@ counts say where the overhead was.
 
 import json
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from labelled_lite0 import setup
 
 from edge_pipeline.backends import pt2e, tflite
-from edge_pipeline.devices import LocalDevice, parse_device
-from edge_pipeline.evaluation import Evaluator, example_inputs, resolve_metric, run_artifact
-from edge_pipeline.interface import FlatModel, discover
-from edge_pipeline.recipe import load_recipe
-from edge_pipeline.sources import build_model, load_data
+from edge_pipeline.evaluation import example_inputs, run_artifact
+from edge_pipeline.interface import FlatModel
 from edge_pipeline.stages.device_test import measure_on_device
 from edge_pipeline.targets import load_profile
-
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "efficientnet-lite0-imagenet.yaml"
 
 
 def op_counts(path: Path) -> dict[str, int]:
@@ -36,19 +31,9 @@ def op_counts(path: Path) -> dict[str, int]:
 
 
 def main() -> int:
-    r = load_recipe(str(RECIPE))
-    data = load_data(r.data, preprocess=r.preprocess.model_dump(), labels=r.labels.model_dump(),
-                     fractions=r.split.fractions())
-    model = build_model(r.model, data.num_classes, data.input_shape[0]).eval()
-    iface = discover(model, data.example)
-    ev = Evaluator(data, iface, resolve_metric("top1", iface.output_names, True, None), model)
-    calibration = tuple(data.train.rows(np.arange(min(r.calibrate.samples, len(data.train)))))
-    tmp = Path(tempfile.mkdtemp())
-    row = tmp / "row.npz"
-    from edge_pipeline.harness import runner
-
-    runner.save_inputs(row, data.test.rows(np.arange(1)))
-    device = LocalDevice(parse_device("local"), 600)
+    lite0 = setup()
+    data, model, iface, ev = lite0.data, lite0.model, lite0.iface, lite0.evaluator
+    calibration, tmp, row, device = lite0.calibration, lite0.tmp, lite0.row, lite0.device
     fixes = (tflite.pads_in_nhwc, pt2e.annotate_between_quantized)
     out = {}
     for variant, target, fixed in (("int8 before (pads in NCHW, chained adds unannotated)", "tflite-int8", False),

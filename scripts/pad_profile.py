@@ -7,37 +7,21 @@ labelled photos of recipes/efficientnet-lite0-imagenet.yaml (EDGE_PIPELINE_IMAGE
 
 import json
 import sys
-import tempfile
-from pathlib import Path
 
 import numpy as np
+from labelled_lite0 import setup
 
 from edge_pipeline.backends import executorch, pt2e
-from edge_pipeline.devices import LocalDevice, parse_device
-from edge_pipeline.evaluation import Evaluator, example_inputs, resolve_metric, run_artifact
-from edge_pipeline.interface import FlatModel, discover
-from edge_pipeline.recipe import load_recipe
-from edge_pipeline.sources import build_model, load_data
+from edge_pipeline.evaluation import example_inputs, run_artifact
+from edge_pipeline.interface import FlatModel
 from edge_pipeline.stages.device_test import measure_on_device
 from edge_pipeline.targets import load_profile
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "efficientnet-lite0-imagenet.yaml"
-
 
 def main() -> int:
-    r = load_recipe(str(RECIPE))
-    data = load_data(r.data, preprocess=r.preprocess.model_dump(), labels=r.labels.model_dump(),
-                     fractions=r.split.fractions())
-    model = build_model(r.model, data.num_classes, data.input_shape[0]).eval()
-    iface = discover(model, data.example)
-    ev = Evaluator(data, iface, resolve_metric("top1", iface.output_names, True, None), model)
-    calibration = tuple(data.train.rows(np.arange(min(r.calibrate.samples, len(data.train)))))
-    tmp = Path(tempfile.mkdtemp())
-    row = tmp / "row.npz"
-    from edge_pipeline.harness import runner
-
-    runner.save_inputs(row, data.test.rows(np.arange(1)))
-    device = LocalDevice(parse_device("local"), 600)
+    lite0 = setup()
+    data, model, iface, ev = lite0.data, lite0.model, lite0.iface, lite0.evaluator
+    calibration, tmp, row, device = lite0.calibration, lite0.tmp, lite0.row, lite0.device
     out = {}
     folding = pt2e.FusedActivations.__init__
     for variant, target, fold in (("pads in the int8 annotation", "executorch-xnnpack-int8", False),
