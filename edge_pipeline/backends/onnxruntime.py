@@ -153,8 +153,11 @@ def fold_clips_and_pads(path: Path) -> dict[str, int]:
         for r in readers.get(old, []):
             r.input[:] = [new if i == old else i for i in r.input]
 
+    outputs = {o.name for o in graph.output}  # a graph output keeps its name: its producer stays
     dropped, folded = [], {"clip": 0, "pad": 0}
     for n in graph.node:
+        if n.output[0] in outputs:
+            continue
         if n.op_type == "Clip" and len(n.input) >= 3:
             lo, hi = value(n.input[1]), value(n.input[2])
             users = readers.get(n.output[0], [])

@@ -571,7 +571,7 @@ def annotate_between_quantized(gm, spec) -> int:
 def _fused_into(user, producer) -> bool:
     """``user`` is an activation annotated as fused with ``producer``: its output quantized, its input not."""
     a = user.meta.get("quantization_annotation")
-    return (user.op == "call_function" and _op(user) in INT8_ELEMENTWISE and INT8_ELEMENTWISE[_op(user)] == 1
+    return (user.op == "call_function" and _op(user) in FusedActivations.ACTIVATIONS
             and a is not None and a.output_qspec is not None and producer not in a.input_qspec_map)
 
 
