@@ -115,10 +115,12 @@ def test_qat_beats_post_training_int8_on_per_tensor_pretrained_efficientnet(tmp_
 
 def test_ort_qat_export_has_no_clip_or_pad_between_quantize_ops(tmp_path):
     """The QAT graph exported to QDQ ONNX: ReLU6 fused into its conv + BatchNorm (one quantize after the Clip,
-    whose range lies inside it, so the Clip is dropped) and the zero pad moved into the strided conv, as
-    ``quantize_static`` builds them; the ORT file still computes what the QAT graph does in PyTorch."""
+    whose range lies inside it, so the Clip is dropped), the zero pad moved into the strided conv and, for x86,
+    uint8 activations, as ``quantize_static`` builds them: ORT's optimizer then runs every conv and the residual
+    add in int8. The ORT file still computes what the QAT graph does in PyTorch."""
     import numpy as np
     import onnx
+    import onnxruntime as ort
     from torch import nn
     from torch.nn import functional as F
 
@@ -133,10 +135,12 @@ def test_ort_qat_export_has_no_clip_or_pad_between_quantize_ops(tmp_path):
             super().__init__()
             self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU6())
             self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, groups=16), nn.BatchNorm2d(16), nn.ReLU6())
+            self.pw = nn.Conv2d(16, 16, 1)
             self.head = nn.Linear(16, 4)
 
         def forward(self, x):
-            return self.head(self.dw(F.pad(self.stem(x), (0, 1, 0, 1))).mean((2, 3)))
+            y = self.dw(F.pad(self.stem(x), (0, 1, 0, 1)))
+            return self.head((y + self.pw(y)).mean((2, 3)))
 
     torch.manual_seed(0)
     model, profile = FlatModel(PadReLU6().eval()), load_profile("ort-x86-int8")
@@ -149,6 +153,12 @@ def test_ort_qat_export_has_no_clip_or_pad_between_quantize_ops(tmp_path):
                      fixtures=False, qat=state)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
     assert not ops & {"Clip", "Pad"}, ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    kinds = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert kinds.count("QLinearConv") == 3 and kinds.count("QLinearAdd") == 1, kinds
+    assert not {"Conv", "Add"} & set(kinds), kinds
     want = pt2e.convert_qat(model, (x,), ob.qat_quantizer(profile), state)(torch.from_numpy(x[:8]))[0]
     got = np.concatenate([runner.Model(str(path), 1).run([x[i:i + 1]])[0] for i in range(8)])
     assert np.abs(got - want.detach().numpy()).max() <= 0.05 * np.abs(want.detach().numpy()).max()

@@ -117,7 +117,44 @@ def _qat_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
     gm = pt2e.convert_qat(model, calibration, qat_quantizer(profile), qat)
     _save_onnx(gm, example, build / "qdq.onnx", iface)
     fold_clips_and_pads(build / "qdq.onnx")
+    if activation_type(profile).name == "QUInt8":
+        activations_to_uint8(build / "qdq.onnx")
     return build / "qdq.onnx"
+
+
+def activations_to_uint8(path: Path) -> int:
+    """PT2E's int8 activations rewritten as the uint8 ones ORT's x86 kernels take (``activation_type``): every
+    QuantizeLinear, and every DequantizeLinear that does not read a weight, gets zero point + 128 as uint8. Exact:
+    q_u8 = q_s8 + 128 over the whole range, and (q_u8 - (zp + 128)) * s = (q_s8 - zp) * s. Weights stay int8.
+    Returns how many quantize/dequantize ops changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    shifted: dict[str, str] = {}  # int8 zero point -> its uint8 copy (an int8 one may be a weight's too)
+    changed, retyped = 0, set()
+    for n in graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(n.input) < 3:
+            continue
+        zp = consts.get(n.input[2])
+        if zp is None or zp.dtype != np.int8 or (n.op_type == "DequantizeLinear" and n.input[0] in weights):
+            continue
+        if n.input[2] not in shifted:
+            name = f"{n.input[2]}_uint8"
+            graph.initializer.append(numpy_helper.from_array((zp.astype(np.int16) + 128).astype(np.uint8), name))
+            shifted[n.input[2]] = name
+        n.input[2] = shifted[n.input[2]]
+        retyped |= {n.output[0]} if n.op_type == "QuantizeLinear" else set()
+        changed += 1
+    for info in [v for v in graph.value_info if v.name in retyped]:  # the exporter's int8 types, now stale
+        graph.value_info.remove(info)
+    onnx.save(model, str(path))
+    return changed
 
 
 def fold_clips_and_pads(path: Path) -> dict[str, int]:
@@ -154,7 +191,7 @@ def fold_clips_and_pads(path: Path) -> dict[str, int]:
             r.input[:] = [new if i == old else i for i in r.input]
 
     outputs = {o.name for o in graph.output}  # a graph output keeps its name: its producer stays
-    dropped, folded = [], {"clip": 0, "pad": 0}
+    dropped, folded, unpadded = [], {"clip": 0, "pad": 0}, set()
     for n in graph.node:
         if n.output[0] in outputs:
             continue
@@ -188,10 +225,13 @@ def fold_clips_and_pads(path: Path) -> dict[str, int]:
                     c.attribute.remove(attr)
                 c.attribute.append(onnx.helper.make_attribute("pads", new))
             q[0].input[0] = n.input[0]
+            unpadded |= {q[0].output[0], dq[0].output[0]}
             dropped.append(n)
             folded["pad"] += 1
     for n in dropped:
         graph.node.remove(n)
+    for info in [v for v in graph.value_info if v.name in unpadded]:  # shapes of the padded tensor, now stale
+        graph.value_info.remove(info)
     onnx.save(model, str(path))
     return folded
 
