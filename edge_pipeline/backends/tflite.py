@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
@@ -27,6 +28,7 @@ def _quantizers(profile: Profile, float_layers, default: bool = False):
     if default:  # the quantizer's own defaults
         q = PT2EQuantizer().set_global(get_symmetric_quantization_config())
         return q, q
+    module_names_in_quantizer()
     base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_dynamic=False)
     q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
     pt2e.keep_float(q, float_layers)
@@ -36,6 +38,50 @@ def _quantizers(profile: Profile, float_layers, default: bool = False):
     return q, pt2e.FusedActivations(
         q, keep_outputs=False, per_tensor_layers=profile.quantization.per_tensor_layers,
         per_tensor_weight=get_symmetric_quantization_config(is_per_channel=False, is_dynamic=False).weight)
+
+
+def module_names_in_quantizer() -> None:
+    """Let litert-torch's quantizer find a module by name again. Its filter reads the module path from the keys
+    of a node's ``nn_module_stack`` after a ``"L__self___"`` prefix, which torch.export no longer writes
+    (torch 2.13: key ``"L__self__model.3"``, value ``("model.3", type)``): no name matched, so every per-module
+    config (the fallback's float layers, per-tensor layers, output layers) was silently ignored and those
+    layers were quantized with the global config. The replacement reads the path from the value, as torchao's
+    XNNPACK quantizer does (litert-torch pinned in pyproject)."""
+    from litert_torch.quantize import pt2e_quantizer
+
+    def module_name_filter(module_name: str):
+        def matches(n) -> bool:
+            return module_name in [path for path, _ in (n.meta.get("nn_module_stack") or {}).values()]
+        return matches
+
+    pt2e_quantizer._get_module_name_filter = module_name_filter
+
+
+@contextlib.contextmanager
+def strict_qdq(on: bool):
+    """Convert in the LiteRT converter's strict QDQ mode: an op is int8 only where the graph quantizes it. By
+    default the converter also int8-converts a float op between a dequantize and a quantize (its own weight
+    scales), so the fallback's float layers came out int8 all the same. Strict mode keeps them float, and keeps
+    the graph's first quantize and last dequantize as ops: the file then takes float inputs and outputs
+    (describe.json's ``quantized_io`` says which), hence only where a layer is kept float."""
+    if not on:
+        yield
+        return
+    from litert_torch._convert import litert_converter
+
+    ext = litert_converter.converter_api_ext
+    default = ext.ConvertToTFLConfig
+
+    def config():
+        made = default()
+        made.strict_qdq_mode = True
+        return made
+
+    ext.ConvertToTFLConfig = config
+    try:
+        yield
+    finally:
+        ext.ConvertToTFLConfig = default
 
 
 def _constant_pad_nhwc(x, pad, value=0.0):
@@ -86,7 +132,8 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
             return _finish(path, out_dir, example, iface, float_layers, fixtures)
         q, quantizer = _quantizers(profile, float_layers, default_flow)
         gm = pt2e.quantize(model, calibration, quantizer, fold_quantize=False)
-        edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))
+        with strict_qdq(bool(float_layers)):
+            edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))
     else:
         edge = litert_torch.convert(model, example)
     edge.export(str(path))
@@ -252,8 +299,4 @@ DEVICE_TOOL = DeviceTool("benchmark_model", lambda d: [d / "model.tflite", *_too
 BACKEND = Backend(
     "tflite", "LiteRT (TFLite) through litert-torch (.tflite)", ".tflite",
     packages=("torch", "litert-torch", "ai-edge-litert"), targets=("tflite-int8", "tflite-fp32"),
-    float_layers=False, qat=True,
-    calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL, weights=weights,
-    # Checked with litert-torch 0.10.0: layers left out of the PT2E annotation still came out int8-broken (an
-    # MLP with both layers kept float scored as the all-int8 model).
-    notes={"float_layers": "litert-torch int8-converts layers left out of the annotation all the same"})
+    qat=True, calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL, weights=weights)
