@@ -117,9 +117,9 @@ def yaml_without_cluster(path):
 
 @pytest.mark.slow
 def test_the_cluster_fine_tune_resumes_after_sigkill_to_the_same_model(cluster_recipe, tmp_path):
-    path = cluster_recipe(["tflite-fp32"], epochs=12)
+    path = cluster_recipe(["tflite-fp32"], epochs=5)
     run_dir = tmp_path / "runs" / "tiny" / "default"
-    killed_then_resumed(["run", str(path)], path, run_dir, "cluster", "03-cluster", "cluster fine-tune", 12)
+    killed_then_resumed(["run", str(path)], path, run_dir, "cluster", "03-cluster", "cluster fine-tune", 5)
     straight = run(path, run_id="straight", until="cluster")
     a, b = (torch.load(d / "03-cluster" / "model.pt", weights_only=True) for d in (run_dir, straight.run_dir))
     # The resumed run ends where an unbroken one does, to float rounding (the killed run was another process,
