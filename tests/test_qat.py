@@ -155,6 +155,8 @@ def test_ort_qat_export_has_no_clip_or_pad_between_quantize_ops(tmp_path):
                      fixtures=False, qat=state)
     ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
     assert not ops & {"Clip", "Pad"}, ops
+    rewrites = json.loads((tmp_path / "describe.json").read_text())["qat_export_rewrites"]
+    assert rewrites["pads_folded"] == 1 and rewrites["quantize_ops_to_uint8"] > 0, rewrites
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(tmp_path / "model.onnx"), options, providers=["CPUExecutionProvider"])

@@ -106,7 +106,7 @@ def qat_quantizer(profile: Profile):
 
 
 def _qat_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
-              profile: Profile, iface: ModelInterface, build: Path, qat: dict) -> Path:
+              profile: Profile, iface: ModelInterface, build: Path, qat: dict) -> tuple[Path, dict[str, int]]:
     """The QAT run's converted model, exported as it is: its quantize/dequantize ops become ONNX's
     QuantizeLinear/DequantizeLinear with the learned scales, which ORT fuses into int8 kernels like a
     ``quantize_static`` QDQ model. (The other way, the learned ranges fed to ``quantize_static`` through
@@ -116,10 +116,10 @@ def _qat_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
 
     gm = pt2e.convert_qat(model, calibration, qat_quantizer(profile), qat)
     _save_onnx(gm, example, build / "qdq.onnx", iface)
-    fold_clips_and_pads(build / "qdq.onnx")
+    rewrites = {f"{k}s_folded": v for k, v in fold_clips_and_pads(build / "qdq.onnx").items()}
     if activation_type(profile).name == "QUInt8":
-        activations_to_uint8(build / "qdq.onnx")
-    return build / "qdq.onnx"
+        rewrites["quantize_ops_to_uint8"] = activations_to_uint8(build / "qdq.onnx")
+    return build / "qdq.onnx", rewrites
 
 
 def activations_to_uint8(path: Path) -> int:
@@ -271,8 +271,10 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     build = out_dir / "build"
     build.mkdir()
     final = out_dir / "model.onnx"
+    rewrites = None
     if profile.precision == "int8" and qat is not None:
-        shutil.copy(_qat_onnx(model, example, calibration, profile, iface, build, qat), final)
+        qdq, rewrites = _qat_onnx(model, example, calibration, profile, iface, build, qat)
+        shutil.copy(qdq, final)
     elif profile.precision == "int8":
         shutil.copy(_quantize(model, example, calibration, profile, iface, build, float_layers, default_flow), final)
     else:
@@ -284,6 +286,8 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     doc = _describe(final, out_dir, float_layers, seven_bit)
     if profile.precision == "int8":
         doc["weight_bits_reason"] = WEIGHT_BITS_REASON[seven_bit] + f" (platform {profile.platform})"
+    if rewrites is not None:  # what the QAT export's clean-up changed (fold_clips_and_pads, activations_to_uint8)
+        doc["qat_export_rewrites"] = rewrites
     (out_dir / "describe.json").write_text(json.dumps(doc, indent=1))
     if fixtures:
         write_fixtures(out_dir / f"model{SUFFIX}", example, iface)
