@@ -212,7 +212,14 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
                     break
                 # Confirmed by a rebuild: the layer stays float only if it does better on val.
                 trial = out / f".{profile.name}.trial"
-                trial_path, trial_metrics = build(tuple(float_layers) + (candidate,), trial)
+                try:
+                    trial_path, trial_metrics = build(tuple(float_layers) + (candidate,), trial)
+                except Exception as e:  # noqa: BLE001 - a trial that cannot be built costs the fallback, not the target
+                    shutil.rmtree(trial, ignore_errors=True)
+                    said = (str(e).splitlines() or [""])[0][:300]
+                    metrics["fallback"] = {"unsupported": f"keeping '{candidate}' in float failed to build: "
+                                                          f"{type(e).__name__}: {said}"}
+                    break
                 exports += 1
                 if improves(trial_metrics, metrics):
                     float_layers.append(candidate)
