@@ -122,6 +122,21 @@ def _qat_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
     return build / "qdq.onnx", rewrites
 
 
+def _constants(graph) -> dict[str, np.ndarray]:
+    """Every initializer and Constant node's value of an ONNX graph, by tensor name."""
+    from onnx import numpy_helper
+
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    return consts | {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
+                     if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+
+
+def _drop_value_info(graph, names: set[str]) -> None:
+    """Removes the recorded type/shape of these tensors (a rewrite changed them; ORT infers them again)."""
+    for info in [v for v in graph.value_info if v.name in names]:
+        graph.value_info.remove(info)
+
+
 def activations_to_uint8(path: Path) -> int:
     """PT2E's int8 activations rewritten as the uint8 ones ORT's x86 kernels take (``activation_type``): every
     QuantizeLinear, and every DequantizeLinear that does not read a weight, gets zero point + 128 as uint8. Exact:
@@ -133,9 +148,7 @@ def activations_to_uint8(path: Path) -> int:
     model = onnx.load(str(path))
     graph = model.graph
     weights = {t.name for t in graph.initializer}
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    consts = _constants(graph)
     shifted: dict[str, str] = {}  # int8 zero point -> its uint8 copy (an int8 one may be a weight's too)
     changed, retyped = 0, set()
     for n in graph.node:
@@ -151,8 +164,7 @@ def activations_to_uint8(path: Path) -> int:
         n.input[2] = shifted[n.input[2]]
         retyped |= {n.output[0]} if n.op_type == "QuantizeLinear" else set()
         changed += 1
-    for info in [v for v in graph.value_info if v.name in retyped]:  # the exporter's int8 types, now stale
-        graph.value_info.remove(info)
+    _drop_value_info(graph, retyped)  # the exporter's int8 types, now stale
     onnx.save(model, str(path))
     return changed
 
@@ -164,13 +176,10 @@ def fold_clips_and_pads(path: Path) -> dict[str, int]:
     into the Conv's own ``pads``. Left in, both ran in float between dequantize and quantize ops: the QAT
     EfficientNet-Lite0 file ran 1.8x slower than the post-training one. Returns how many of each were folded."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path))
     graph = model.graph
-    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    consts |= {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node
-               if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"}
+    consts = _constants(graph)
     readers: dict[str, list] = {}
     for n in graph.node:
         for i in n.input:
@@ -230,8 +239,7 @@ def fold_clips_and_pads(path: Path) -> dict[str, int]:
             folded["pad"] += 1
     for n in dropped:
         graph.node.remove(n)
-    for info in [v for v in graph.value_info if v.name in unpadded]:  # shapes of the padded tensor, now stale
-        graph.value_info.remove(info)
+    _drop_value_info(graph, unpadded)  # shapes of the padded tensor, now stale
     onnx.save(model, str(path))
     return folded
 
