@@ -275,7 +275,8 @@ def test_ort_files_for_x86_use_7bit_weights_and_stay_right_without_vnni(tmp_path
     """ORT on x86 multiplies uint8 activations by int8 weights and, on AVX2 CPUs without VNNI, adds pairs of
     products in int16: full-range 8-bit weights overflow it (255*127*2 > 32767). A 1x1 conv whose inputs and
     weights are all large and positive hits that on every output; an amd64 file keeps 7-bit weights and agrees
-    with the float model (on an AVX2-only host the 8-bit file's outputs come out about halved)."""
+    with the float model (on an AVX2-only host the 8-bit file's outputs come out about halved). Its depthwise
+    conv keeps 8-bit weights: ORT's depthwise kernel adds in int32 on every x86 CPU."""
     import onnx
     from onnx import numpy_helper
 
@@ -285,23 +286,26 @@ def test_ort_files_for_x86_use_7bit_weights_and_stay_right_without_vnni(tmp_path
     from edge_pipeline.sources.data import ArraySplit
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(32, 8, 1), nn.ReLU(), nn.Flatten())
+    net = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 8, 1), nn.ReLU(),
+                        nn.Flatten())
     with torch.no_grad():
-        net[0].weight.uniform_(0.5, 1.0)
+        net[0].weight.uniform_(0.1, 0.2)
+        net[2].weight.uniform_(0.5, 1.0)
     flat = FlatModel(net.eval())
     x = np.random.default_rng(0).uniform(0.8, 1.0, (64, 32, 4, 4)).astype(np.float32)
     iface = discover(flat, (x[:2],))
     profile = load_profile("ort-mobile-int8").model_copy(update={"platform": "amd64"})
     path = ob.export(flat, (torch.from_numpy(x[:1]),), (x,), profile, tmp_path, iface, fixtures=False)
-    assert ob.describe(path)["weights_7bit"]
+    doc = ob.describe(path)
+    assert doc["weights_7bit"] and doc["depthwise_weights_8bit"] == 1
     qdq = onnx.load(str(tmp_path / "model.onnx"))
-    weights = [numpy_helper.to_array(t) for t in qdq.graph.initializer if t.data_type == onnx.TensorProto.INT8
-               and t.dims and len(t.dims) == 4]
-    assert weights and all(np.abs(w.astype(int)).max() <= 64 for w in weights), [(w.min(), w.max()) for w in weights]
+    weights = {t.dims[1]: np.abs(numpy_helper.to_array(t).astype(int)).max() for t in qdq.graph.initializer
+               if t.data_type == onnx.TensorProto.INT8 and t.dims and len(t.dims) == 4}
+    assert weights[1] == 127 and weights[32] <= 64, f"8-bit depthwise weights, 7-bit 1x1 weights: {weights}"
     got = run_artifact(path, ArraySplit((x,), None), 1)[0]
     want = flat(torch.from_numpy(x))[0].detach().numpy()
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()
-    assert "without VNNI" in ob.describe(path)["weight_bits_reason"]
+    assert "without VNNI" in doc["weight_bits_reason"] and "1 depthwise" in doc["weight_bits_reason"]
 
     vnni = tmp_path / "vnni"
     vnni.mkdir()

@@ -72,9 +72,14 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
             extra["CalibPercentile"] = q.percentile
         pre_model = onnx.load(str(pre))
         per_tensor = {flat_name(layer) for layer in q.per_tensor_layers}
-        extra["TensorQuantOverrides"] = {  # an override without "axis" is one scale for the tensor
+        overrides = {  # an override without "axis" is one scale for the tensor
             t.name: [{"symmetric": True}] for t in pre_model.graph.initializer
             if t.name.endswith(".weight") and t.name.rpartition(".")[0] in per_tensor}
+        if reduces_range(profile):  # ORT's depthwise kernel adds in int32 on every x86 CPU: 8-bit weights
+            for name in depthwise_weights(pre_model):
+                base = overrides.get(name, [{"axis": 0} if q.per_channel else {}])[0]
+                overrides[name] = [{**base, "reduce_range": False}]
+        extra["TensorQuantOverrides"] = overrides
         kept = set(nodes_kept_float(build / "float.onnx", pre, float_layers))
         heads = set(output_layer_nodes(pre_model)) - kept
         kwargs = dict(per_channel=q.per_channel, activation_type=activation_type(profile), weight_type=QuantType.QInt8,
@@ -258,12 +263,25 @@ def activation_type(profile: Profile):
 
 def reduces_range(profile: Profile) -> bool:
     """7-bit weights for x86 files. ORT runs int8 convolutions there as uint8 activations x int8 weights, and on
-    CPUs without VNNI (AVX2 only) the kernel adds pairs of products in int16, which overflows with full 8-bit
-    weights (255*127*2 > 32767). Measured on EfficientNet-Lite0 on an AVX2-only host, top-1 agreement with fp32:
-    69% with 8-bit weights, 81% with 7-bit, 85% for the same model built for arm. uint8 weights avoid the
-    overflow too but ORT then runs the convolutions in float (6x slower). CPUs with VNNI add the products in int32:
-    ``amd64-vnni`` files keep full 8-bit weights."""
+    CPUs without VNNI (AVX2 only) its GEMM kernel adds pairs of products in int16, which full 8-bit weights
+    overflow (255*127*2 > 32767): with 8-bit weights, 29 of EfficientNet-Lite0's 33 non-depthwise convs overflow
+    some pair sums on 4 of its calibration photos (a numpy emulation of the pairs). Depthwise convs keep 8-bit weights
+    (``depthwise_weights``): ORT's depthwise kernel widens to int16 and adds in int32 on every x86 CPU. CPUs with
+    VNNI add in int32: ``amd64-vnni`` files keep full 8-bit weights everywhere."""
     return profile.platform == "amd64"
+
+
+def depthwise_weights(model) -> list[str]:
+    """The weight initializers of an ONNX graph's depthwise convolutions (one input and one output channel per
+    group: the convolutions ORT runs with its depthwise kernel)."""
+    shapes = {t.name: list(t.dims) for t in model.graph.initializer}
+    found = []
+    for n in model.graph.node:
+        weight = shapes.get(n.input[1]) if n.op_type == "Conv" and len(n.input) > 1 else None
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if weight and group > 1 and weight[0] == group and weight[1] == 1:
+            found.append(n.input[1])
+    return found
 
 
 WEIGHT_BITS_REASON = {
@@ -289,11 +307,21 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
         _float_onnx(model, example, final, iface)
     _strip_build_paths(final)
     to_ort(final, out_dir, converter_platform(profile))
-    shutil.rmtree(build)
     seven_bit = profile.precision == "int8" and not default_flow and reduces_range(profile)  # QAT's too
+    eight_bit_depthwise = 0
+    if seven_bit and qat is None:
+        import onnx
+
+        eight_bit_depthwise = len(depthwise_weights(onnx.load(str(build / "pre.onnx"))))
+    shutil.rmtree(build)
     doc = _describe(final, out_dir, float_layers, seven_bit)
+    if seven_bit:
+        doc["depthwise_weights_8bit"] = eight_bit_depthwise
     if profile.precision == "int8":
         doc["weight_bits_reason"] = WEIGHT_BITS_REASON[seven_bit] + f" (platform {profile.platform})"
+    if eight_bit_depthwise:
+        doc["weight_bits_reason"] += (f"; its {eight_bit_depthwise} depthwise convolutions keep 8-bit weights: ORT's "
+                                      "depthwise kernel widens the products to int16 and adds them in int32")
     if rewrites is not None:  # what the QAT export's clean-up changed (fold_clips_and_pads, activations_to_uint8)
         doc["qat_export_rewrites"] = rewrites
     (out_dir / "describe.json").write_text(json.dumps(doc, indent=1))
