@@ -32,7 +32,7 @@ def conv_inputs(qdq_path, rows: np.ndarray) -> tuple[list, dict]:
     convs = []
     for n in model.graph.node:
         x, w = made_by.get(n.input[0]), made_by.get(n.input[1]) if len(n.input) > 1 else None
-        if n.op_type != "Conv" or not x or not w or "DequantizeLinear" != x.op_type or w.input[0] not in consts:
+        if n.op_type != "Conv" or not x or not w or x.op_type != "DequantizeLinear" or w.input[0] not in consts:
             continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         weights = consts[w.input[0]]

@@ -48,8 +48,9 @@ def _save_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
 
 def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
               profile: Profile, iface: ModelInterface, build: Path, float_layers=(),
-              default_flow: bool = False) -> Path:
-    """float.onnx -> pre.onnx (quant_pre_process: shapes, BatchNorm folded) -> qdq.onnx in ``build``."""
+              default_flow: bool = False) -> tuple[Path, int]:
+    """float.onnx -> pre.onnx (quant_pre_process: shapes, BatchNorm folded) -> qdq.onnx in ``build``; with how
+    many depthwise convs kept 8-bit weights in a 7-bit (``reduces_range``) file."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -58,6 +59,7 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
     pre = build / "pre.onnx"
     quant_pre_process(str(build / "float.onnx"), str(pre))
     q = profile.quantization
+    eight_bit_depthwise = []
     if default_flow:  # quantize_static's own defaults (QDQ, per-tensor, MinMax, QUInt8 activations)
         kwargs = {}
     else:
@@ -76,7 +78,8 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
             t.name: [{"symmetric": True}] for t in pre_model.graph.initializer
             if t.name.endswith(".weight") and t.name.rpartition(".")[0] in per_tensor}
         if reduces_range(profile):  # ORT's depthwise kernel adds in int32 on every x86 CPU: 8-bit weights
-            for name in depthwise_weights(pre_model):
+            eight_bit_depthwise = depthwise_weights(pre_model)
+            for name in eight_bit_depthwise:
                 base = overrides.get(name, [{"axis": 0} if q.per_channel else {}])[0]
                 overrides[name] = [{**base, "reduce_range": False}]
         extra["TensorQuantOverrides"] = overrides
@@ -90,7 +93,7 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
                     quant_format=QuantFormat.QDQ, **kwargs)
     if not default_flow:
         int8_weights_only(build / "qdq.onnx", heads)
-    return build / "qdq.onnx"
+    return build / "qdq.onnx", len(eight_bit_depthwise)
 
 
 def qat_quantizer(profile: Profile):
@@ -297,23 +300,20 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     build = out_dir / "build"
     build.mkdir()
     final = out_dir / "model.onnx"
-    rewrites = None
+    rewrites, eight_bit_depthwise = None, 0
     if profile.precision == "int8" and qat is not None:
         qdq, rewrites = _qat_onnx(model, example, calibration, profile, iface, build, qat)
         shutil.copy(qdq, final)
     elif profile.precision == "int8":
-        shutil.copy(_quantize(model, example, calibration, profile, iface, build, float_layers, default_flow), final)
+        qdq, eight_bit_depthwise = _quantize(model, example, calibration, profile, iface, build, float_layers,
+                                             default_flow)
+        shutil.copy(qdq, final)
     else:
         _float_onnx(model, example, final, iface)
     _strip_build_paths(final)
     to_ort(final, out_dir, converter_platform(profile))
-    seven_bit = profile.precision == "int8" and not default_flow and reduces_range(profile)  # QAT's too
-    eight_bit_depthwise = 0
-    if seven_bit and qat is None:
-        import onnx
-
-        eight_bit_depthwise = len(depthwise_weights(onnx.load(str(build / "pre.onnx"))))
     shutil.rmtree(build)
+    seven_bit = profile.precision == "int8" and not default_flow and reduces_range(profile)  # QAT's too
     doc = _describe(final, out_dir, float_layers, seven_bit)
     if seven_bit:
         doc["depthwise_weights_8bit"] = eight_bit_depthwise
@@ -352,7 +352,7 @@ def layer_errors(model: nn.Module, example: tuple[torch.Tensor, ...], calibratio
 
     with tempfile.TemporaryDirectory() as tmp:
         build = Path(tmp)
-        qdq = _quantize(model, example, calibration, profile, iface, build)
+        qdq, _ = _quantize(model, example, calibration, profile, iface, build)
         acts = {}
         for name, path in (("float", build / "pre.onnx"), ("qdq", qdq)):
             debug.modify_model_output_intermediate_tensors(str(path), str(build / f"{name}.aug.onnx"))
