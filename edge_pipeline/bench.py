@@ -178,8 +178,9 @@ def method_study(teacher: nn.Module, example, calibration, ev, tmp: Path) -> dic
 def _fallback_words(ours: dict) -> str:
     fb = ours.get("fallback") or {}
     why = fb.get("not_tried") or fb.get("unsupported")
+    dynamic = "; activations quantized per inference" if ours.get("activations") == "dynamic" else ""
     return (f"{', '.join(ours.get('float_layers') or []) or 'none'} ({ours.get('fallback_exports') or 1} "
-            f"export(s){'; ' + why if why else ''})")
+            f"export(s){'; ' + why if why else ''}{dynamic})")
 
 
 def _shipped(lower: dict, backend: str) -> dict:

@@ -129,8 +129,12 @@ def _fallback_text(t: dict) -> str:
     fb = t.get("fallback") or {}
     if t.get("precision") != "int8" or "error" in t:
         return "-"
+    dynamic = "activations quantized per inference" if t.get("activations") == "dynamic" else ""
     if t.get("float_layers"):
-        return f"kept in float: {', '.join(t['float_layers'])} (+{fb.get('size_cost_bytes', 0)} B)"
+        kept = f"kept in float: {', '.join(t['float_layers'])} (+{fb.get('size_cost_bytes', 0)} B)"
+        return f"{kept}; {dynamic}" if dynamic else kept
+    if dynamic:
+        return dynamic
     return fb.get("not_tried") or fb.get("unsupported") or ("tried, did not help" if t.get("fallback_exports", 1) > 1
                                                             else "not needed")
 

@@ -180,3 +180,47 @@ def test_the_fallback_also_runs_where_outputs_drift_on_val_but_the_metric_holds(
                   sensitivity=True)["targets"]["executorch-xnnpack-int8"]
     assert t["float_layers"] == ["fc1"], (t.get("fallback"), t.get("val_parity"))
     assert not t["val_parity_misses"] and t["val_parity"]["cosine"] >= p.budgets.parity.min_cosine
+
+
+class RowScaledMLP(nn.Module):
+    """Hidden activations 1000x larger on the brighter half of the digits than on the rest: the class-dependent
+    magnitudes of a briefly trained MobileNetV3 (20x on one class's photos) in three layers. No biases after the
+    gain, so the float model's outputs scale with it and its predictions do not change."""
+
+    def __init__(self, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+        self.fc1 = nn.Linear(64, 64)
+        self.fc2 = nn.Linear(64, 64, bias=False)
+        self.fc3 = nn.Linear(64, 10, bias=False)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        gain = 1.0 + 999.0 * torch.sigmoid(1000.0 * (x.mean(1, keepdim=True) - self.threshold))
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)) * gain)))
+
+
+@pytest.mark.slow
+def test_rows_that_need_different_ranges_get_activations_quantized_per_inference(digits, tmp_path):
+    """One static range per tensor cannot serve rows 1000x apart: the static build misses its budget on val, no
+    layer can go float here (max_float_layers: 0), and the fallback ships int8 weights with activations
+    quantized per inference on every runtime, within budget."""
+    threshold = float(np.median(digits.train.x.reshape(len(digits.train.x), -1).mean(1)))
+    model = fit(RowScaledMLP(threshold), digits.train, epochs=15, lr=5e-3)
+
+    def no_float_layers(name):
+        p = load_profile(name)
+        return p.model_copy(update={
+            "quantization": p.quantization.model_copy(update={"max_float_layers": 0}),
+            "budgets": p.budgets.model_copy(update={"max_accuracy_drop": 0.02})})
+
+    result = lower_all(model, [no_float_layers(n) for n in INT8], evaluator_for(model, digits),
+                       digits.train.x[:128], tmp_path, sensitivity=True)
+    for name in INT8:
+        t = result["targets"][name]
+        assert t.get("activations") == "dynamic" and not t["failures"], (name, t.get("error"), t.get("fallback"),
+                                                                          t["failures"])
+        assert t["fallback"]["all_int8"]["val_metric"] < result["float"]["val_metric"] - 0.05, "static int8 missed"
+        assert result["float"]["test_metric"] - t["test_metric"] <= 0.02
+        assert t["agreement_with_teacher"]["top1_agreement"] >= 0.95
+        assert json.loads((tmp_path / name / "describe.json").read_text())["activations"] == "dynamic"

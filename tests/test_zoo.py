@@ -96,7 +96,8 @@ def test_a_library_model_runs_init_then_int8_on_all_three_runtimes(name, tmp_pat
                      "agreement": t["agreement_with_teacher"].get("top1_agreement"),
                      "p50_ms": local["latency"]["p50_ms"], "p50_ratio": fp32 and local["latency"]["p50_ms"] / fp32,
                      "failures": t["failures"] + local.get("failures", []),
-                     "float_for_lowering": t.get("float_for_lowering"), "fallback": t.get("fallback")})
+                     "float_for_lowering": t.get("float_for_lowering"), "fallback": t.get("fallback"),
+                     "activations": t.get("activations")})
     if out:
         with open(out, "a") as f:
             f.write(json.dumps({"model": name, "fp32": teacher, "targets": rows}) + "\n")

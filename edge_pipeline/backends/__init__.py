@@ -3,8 +3,9 @@
 A module is a backend when it declares ``BACKEND = Backend(...)`` (what it is and what it can do) and provides:
 
 - ``export(model, example, calibration, profile, out_dir, iface, float_layers=(), default_flow=False,
-  fixtures=True, qat=None) -> Path``: writes the artifact (and the files its runtime module lists as
-  ``SIDECARS``) and ``describe.json``; with ``fixtures`` also the device tool's golden-I/O files.
+  fixtures=True, qat=None) -> Path`` (and ``activations="static"`` where ``dynamic_activations``): writes the
+  artifact (and the files its runtime module lists as ``SIDECARS``) and ``describe.json``; with ``fixtures`` also
+  the device tool's golden-I/O files.
 - ``describe(path) -> dict``: what an integrator needs (I/O, int8 scale/zero point, operators).
 - ``weights(path)`` where the artifact's weights can be read back (``Backend.weights``);
 - ``qat_quantizer(profile)`` where ``qat``; ``layer_errors(model, example, calibration, rows, profile, iface)
@@ -49,6 +50,9 @@ class Backend:
     float_layers: bool = True  # keeps named layers in float in an int8 build (the accuracy fallback)
     qat: bool = False  # trains int8 with its own fake quantizers (``qat_quantizer``)
     layer_errors: bool = False  # per-layer int8 error from the runtime's debugger (``layer_errors``)
+    # int8 weights with activations quantized per inference (``export(..., activations="dynamic")``): the
+    # accuracy fallback where one static range per tensor cannot serve every row
+    dynamic_activations: bool = False
     calibration_methods: tuple[str, ...] = ("minmax",)
     platforms: tuple[str, ...] = ()  # the profile ``platform`` values it builds for ((): not platform-specific)
     device_tool: DeviceTool | None = None
@@ -60,6 +64,20 @@ class Backend:
     def refusal(self, capability: str) -> str:
         why = self.notes.get(capability)
         return f"backend {self.name} has no {capability}" + (f": {why}" if why else "")
+
+
+# Why an int8 build quantizes its activations per inference: the fallback chose it on val (lower stage).
+DYNAMIC_REASON = ("activations quantized per inference (a scale per row computed at run time; int8 weights): one "
+                  "static range per tensor did not serve every row")
+
+
+def activations_entry(profile, activations: str) -> dict:
+    """describe.json's word on an int8 build's activations: static (calibrated ranges) or dynamic, and why."""
+    if profile.precision != "int8":
+        return {}
+    if activations == "dynamic":
+        return {"activations": "dynamic", "activations_reason": DYNAMIC_REASON}
+    return {"activations": "static"}
 
 
 _EXTRA: dict[str, ModuleType] = {}  # registered at run time (a plugin, a test)

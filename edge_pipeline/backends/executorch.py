@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_pipeline.backends import Backend, DeviceTool, pt2e
+from edge_pipeline.backends import Backend, DeviceTool, activations_entry, pt2e
 from edge_pipeline.devices.tool_output import NUM, latency
 from edge_pipeline.interface import ModelInterface
 from edge_pipeline.targets import Profile
@@ -19,12 +19,16 @@ from edge_pipeline.targets import Profile
 SUFFIX = ".pte"
 
 
-def _quantizer(profile: Profile, float_layers, default: bool = False):
+def _quantizer(profile: Profile, float_layers, default: bool = False, dynamic: bool = False):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
 
+    if dynamic:  # XNNPACK's qd8 convs and GEMMs: per-channel int8 weights (the only kind they take), float between
+        q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
+        pt2e.keep_float(q, float_layers)
+        return q
     if default:  # the quantizer's own defaults, as its documentation calls it
         q = XNNPACKQuantizer().set_global(get_symmetric_quantization_config())
     else:
@@ -60,8 +64,10 @@ def layer_errors(model: nn.Module, example, calibration: tuple[np.ndarray, ...],
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
            profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
-           fixtures: bool = True, qat: dict | None = None) -> Path:
-    """``qat``: a QAT run's trained state; the int8 model is then the one it learned, not a calibrated one."""
+           fixtures: bool = True, qat: dict | None = None, activations: str = "static") -> Path:
+    """``qat``: a QAT run's trained state; the int8 model is then the one it learned, not a calibrated one.
+    ``activations="dynamic"``: int8 weights, activations quantized per inference by XNNPACK (see
+    ``backends.DYNAMIC_REASON``); depthwise convs, which XNNPACK has no dynamic kernel for, stay float."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -69,7 +75,8 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     if profile.precision == "int8" and qat is not None:
         model = pt2e.convert_qat(model, calibration, qat_quantizer(profile), qat)
     elif profile.precision == "int8":
-        model = pt2e.quantize(model, calibration, _quantizer(profile, float_layers, default_flow))
+        model = pt2e.quantize(model, calibration,
+                              _quantizer(profile, float_layers, default_flow, dynamic=activations == "dynamic"))
     ep = _export_for_xnnpack(model, example)
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
     graph = edge.exported_program().graph
@@ -81,7 +88,8 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     path.write_bytes(prog.buffer)
     info = {"backend": "executorch", "delegate": "XnnpackBackend", "delegated_subgraphs": delegated,
             "portable_ops": portable, "coverage": f"{delegated} XNNPACK subgraph(s); portable: {portable or 'none'}",
-            "float_layers": list(float_layers), **iface.to_dict(), "quantized_io": None}
+            "float_layers": list(float_layers), **iface.to_dict(), "quantized_io": None,
+            **activations_entry(profile, activations)}
     (out_dir / "describe.json").write_text(json.dumps(info, indent=1))
     if fixtures:
         write_fixtures(path, example, iface)
@@ -179,5 +187,6 @@ DEVICE_TOOL = DeviceTool("executor_runner", lambda d: [d / "model.bpte"], _tool_
 BACKEND = Backend(
     "executorch", "ExecuTorch with the XNNPACK delegate (.pte)", ".pte", packages=("torch", "executorch"),
     targets=("executorch-xnnpack-int8", "executorch-xnnpack-fp32"),
-    qat=True, layer_errors=True, calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL,
+    qat=True, layer_errors=True, dynamic_activations=True, calibration_methods=pt2e.PT2E_METHODS,
+    device_tool=DEVICE_TOOL,
     notes={"weights": "the weights sit inside the XNNPACK delegate's serialized blob, not in the program's tensors"})

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge_pipeline.backends import Backend, DeviceTool, pt2e
+from edge_pipeline.backends import Backend, DeviceTool, activations_entry, pt2e
 from edge_pipeline.devices.tool_output import latency
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.harness.runtime_tflite import tflite_io
@@ -21,7 +21,7 @@ from edge_pipeline.targets import Profile
 SUFFIX = ".tflite"
 
 
-def _quantizers(profile: Profile, float_layers, default: bool = False):
+def _quantizers(profile: Profile, float_layers, default: bool = False, dynamic: bool = False):
     """(the quantizer litert-torch converts with, the one that annotates and calibrates)."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
 
@@ -29,6 +29,11 @@ def _quantizers(profile: Profile, float_layers, default: bool = False):
         q = PT2EQuantizer().set_global(get_symmetric_quantization_config())
         return q, q
     module_names_in_quantizer()
+    if dynamic:  # LiteRT's dynamic-range kernels: int8 weights, each op quantizes its float input per inference
+        q = PT2EQuantizer().set_global(get_symmetric_quantization_config(
+            is_per_channel=profile.quantization.per_channel, is_dynamic=True))
+        pt2e.keep_float(q, float_layers)
+        return q, q
     base = get_symmetric_quantization_config(is_per_channel=profile.quantization.per_channel, is_dynamic=False)
     q = PT2EQuantizer().set_global(pt2e.configure(base, profile))
     pt2e.keep_float(q, float_layers)
@@ -109,8 +114,9 @@ def pads_in_nhwc() -> None:
 
 def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
            profile: Profile, out_dir: Path, iface: ModelInterface, float_layers=(), default_flow: bool = False,
-           fixtures: bool = True, qat: dict | None = None) -> Path:
-    """``qat``: a QAT run's trained state; the int8 model is then the one it learned, not a calibrated one."""
+           fixtures: bool = True, qat: dict | None = None, activations: str = "static") -> Path:
+    """``qat``: a QAT run's trained state; the int8 model is then the one it learned, not a calibrated one.
+    ``activations="dynamic"``: int8 weights, activations quantized per inference; the file's I/O is float."""
     import litert_torch
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
@@ -130,18 +136,20 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
             edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=static))
             edge.export(str(path))
             return _finish(path, out_dir, example, iface, float_layers, fixtures)
-        q, quantizer = _quantizers(profile, float_layers, default_flow)
+        q, quantizer = _quantizers(profile, float_layers, default_flow, dynamic=activations == "dynamic")
         gm = pt2e.quantize(model, calibration, quantizer, fold_quantize=False)
         with strict_qdq(bool(float_layers)):
             edge = litert_torch.convert(gm, example, quant_config=QuantConfig(pt2e_quantizer=q))
     else:
         edge = litert_torch.convert(model, example)
     edge.export(str(path))
-    return _finish(path, out_dir, example, iface, float_layers, fixtures)
+    return _finish(path, out_dir, example, iface, float_layers, fixtures, activations_entry(profile, activations))
 
 
-def _finish(path: Path, out_dir: Path, example, iface: ModelInterface, float_layers, fixtures: bool) -> Path:
-    (out_dir / "describe.json").write_text(json.dumps(_describe(path, iface, float_layers), indent=1))
+def _finish(path: Path, out_dir: Path, example, iface: ModelInterface, float_layers, fixtures: bool,
+            extra: dict | None = None) -> Path:
+    doc = {**_describe(path, iface, float_layers), **(extra or {})}
+    (out_dir / "describe.json").write_text(json.dumps(doc, indent=1))
     if fixtures:
         write_fixtures(path, example, iface)
     return path
@@ -299,4 +307,5 @@ DEVICE_TOOL = DeviceTool("benchmark_model", lambda d: [d / "model.tflite", *_too
 BACKEND = Backend(
     "tflite", "LiteRT (TFLite) through litert-torch (.tflite)", ".tflite",
     packages=("torch", "litert-torch", "ai-edge-litert"), targets=("tflite-int8", "tflite-fp32"),
-    qat=True, calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL, weights=weights)
+    qat=True, dynamic_activations=True, calibration_methods=pt2e.PT2E_METHODS, device_tool=DEVICE_TOOL,
+    weights=weights)
