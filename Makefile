@@ -26,9 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not zoo" -n 2 --dist loadfile
 
-# The model-zoo check: timm, torchvision and transformers architectures through init and int8 on three runtimes.
+# The model-zoo check: timm, torchvision and transformers architectures through init and int8 on three runtimes;
+# one test per worker, two at a time (each is one model's run, mostly single-threaded export and conversion).
 zoo: $(STAMP)
-	$(BIN)/python -m pytest -q -m zoo
+	$(BIN)/python -m pytest -q -m zoo -n 2 --dist load
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow and not zoo" -n 2 --dist loadfile

@@ -129,7 +129,12 @@ def _fallback_text(t: dict) -> str:
     fb = t.get("fallback") or {}
     if t.get("precision") != "int8" or "error" in t:
         return "-"
-    dynamic = "activations quantized per inference" if t.get("activations") == "dynamic" else ""
+    dynamic = ""
+    if t.get("activations") == "dynamic":
+        static, p50 = fb.get("static") or {}, t.get("host_p50_ms")
+        price = (f" (host p50 {p50:.3f} ms against the static build's {static['host_p50_ms']:.3f} ms)"
+                 if p50 and static.get("host_p50_ms") else "")
+        dynamic = "activations quantized per inference" + price
     if t.get("float_layers"):
         kept = f"kept in float: {', '.join(t['float_layers'])} (+{fb.get('size_cost_bytes', 0)} B)"
         return f"{kept}; {dynamic}" if dynamic else kept

@@ -185,7 +185,8 @@ def test_the_fallback_also_runs_where_outputs_drift_on_val_but_the_metric_holds(
 class RowScaledMLP(nn.Module):
     """Hidden activations 1000x larger on the brighter half of the digits than on the rest: the class-dependent
     magnitudes of a briefly trained MobileNetV3 (20x on one class's photos) in three layers. No biases after the
-    gain, so the float model's outputs scale with it and its predictions do not change."""
+    gain, so the float model's outputs scale with it and its predictions do not change. The gain's Python ints
+    become int64 constants in litert-torch's annotation pass, which its int8 build must not quantize."""
 
     def __init__(self, threshold: float):
         super().__init__()
@@ -196,7 +197,7 @@ class RowScaledMLP(nn.Module):
 
     def forward(self, x):
         x = x.flatten(1)
-        gain = 1.0 + 999.0 * torch.sigmoid(1000.0 * (x.mean(1, keepdim=True) - self.threshold))
+        gain = 1 + 999 * torch.sigmoid(1000 * (x.mean(1, keepdim=True) - self.threshold))
         return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)) * gain)))
 
 
@@ -220,7 +221,8 @@ def test_rows_that_need_different_ranges_get_activations_quantized_per_inference
         t = result["targets"][name]
         assert t.get("activations") == "dynamic" and not t["failures"], (name, t.get("error"), t.get("fallback"),
                                                                           t["failures"])
-        assert t["fallback"]["all_int8"]["val_metric"] < result["float"]["val_metric"] - 0.05, "static int8 missed"
+        assert t["fallback"]["static"]["val_metric"] < result["float"]["val_metric"] - 0.05, "static int8 missed"
+        assert t["fallback"]["static"]["host_p50_ms"] > 0 and t["host_p50_ms"] > 0, "the price, on this host"
         assert result["float"]["test_metric"] - t["test_metric"] <= 0.02
         assert t["agreement_with_teacher"]["top1_agreement"] >= 0.95
         assert json.loads((tmp_path / name / "describe.json").read_text())["activations"] == "dynamic"

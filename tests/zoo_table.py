@@ -20,6 +20,8 @@ def table(lines: list[str]) -> str:
                 continue
             ratio = r.get("p50_ratio")
             notes = "; ".join(f for f in dict.fromkeys(r["failures"]) if not f.startswith("int8 diagnosis")) or "–"
+            if r.get("activations") == "dynamic":
+                notes += " (activations quantized per inference)"
             if r.get("float_for_lowering"):
                 notes += f" (float to lower: {len(r['float_for_lowering']['layers'])} modules)"
             out.append(f"| {run['model']} | {name} | {run['fp32']:.1%} | {r['test_metric']:.1%} | "

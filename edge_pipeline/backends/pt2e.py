@@ -612,19 +612,26 @@ def _integer(node) -> bool:
 
 
 def _keep_integer_constants(gm, integer: dict) -> None:
-    """The quantizers' annotation pass turns scalar operands of add/mul into float32 tensor constants; on an
-    int64 op (``arange + 1`` in a transformer's mask positions) that made the result float, which ``index`` then
-    refused. Such a constant takes its op's integer dtype back."""
+    """The quantizers' annotation pass turns scalar operands of add/mul into tensor constants of the scalar's own
+    type. On an int64 op (``arange + 1`` in a transformer's mask positions) XNNPACK's float32 constant made the
+    result float, which ``index`` then refused: such a constant takes its op's integer dtype back. On a float op
+    litert-torch's int64 constant (``1 + 999 * x``) was annotated for int8 and its quantize refused the int64
+    input: such a constant becomes float32."""
     for n in gm.graph.nodes:
-        if n.name not in integer:
+        val = n.meta.get("val")
+        if n.op != "call_function" or not isinstance(val, torch.Tensor):
             continue
         for a in n.args:
             if isinstance(a, torch.fx.Node) and a.op == "get_attr":
                 owner, _, leaf = a.target.rpartition(".")
                 mod = gm.get_submodule(owner) if owner else gm
                 t = getattr(mod, leaf)
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and bool((t == t.round()).all()):
+                if not isinstance(t, torch.Tensor):
+                    continue
+                if n.name in integer and t.is_floating_point() and bool((t == t.round()).all()):
                     setattr(mod, leaf, t.to(integer[n.name]))
+                elif val.is_floating_point() and not t.is_floating_point() and t.dim() == 0:
+                    setattr(mod, leaf, t.to(torch.float32))
 
 
 def drop_unquantizable_annotations(gm) -> int:
