@@ -184,6 +184,9 @@ DEVICE_TOOL = DeviceTool("executor_runner", lambda d: [d / "model.bpte"], _tool_
                          writes_outputs=True)
 
 
+int8_weight_grid = pt2e.int8_weight_grid  # see rounding.py
+
+
 BACKEND = Backend(
     "executorch", "ExecuTorch with the XNNPACK delegate (.pte)", ".pte", packages=("torch", "executorch"),
     targets=("executorch-xnnpack-int8", "executorch-xnnpack-fp32"),

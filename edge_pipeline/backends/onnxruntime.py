@@ -310,6 +310,20 @@ def depthwise_weights(model) -> list[str]:
     return found
 
 
+def int8_weight_grid(profile: Profile):
+    """The layers ``quantize_static``/``quantize_dynamic`` give symmetric int8 weights per output channel over
+    +-127 (scale max |w| / 127, on the weights after BatchNorm folding, which scales a channel and its scale
+    alike): all of them in a per-channel file, only the depthwise convs where the file's other weights are 7-bit
+    (``reduces_range``). See ``rounding``."""
+    from edge_pipeline.rounding import depthwise
+
+    if not profile.quantization.per_channel:
+        return None
+    per_tensor = {flat_name(name) for name in profile.quantization.per_tensor_layers}
+    seven_bit = reduces_range(profile)
+    return lambda name, module: name not in per_tensor and (not seven_bit or depthwise(module))
+
+
 WEIGHT_BITS_REASON = {
     True: "7-bit weights: x86 CPUs without VNNI add u8 x s8 products in int16, which 8-bit weights overflow",
     False: "8-bit weights: the target's int8 kernels accumulate in int32 (arm, x86 with VNNI)",

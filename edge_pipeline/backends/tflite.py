@@ -304,6 +304,9 @@ DEVICE_TOOL = DeviceTool("benchmark_model", lambda d: [d / "model.tflite", *_too
                          parse_profile=parse_op_profile)
 
 
+int8_weight_grid = pt2e.int8_weight_grid  # see rounding.py
+
+
 BACKEND = Backend(
     "tflite", "LiteRT (TFLite) through litert-torch (.tflite)", ".tflite",
     packages=("torch", "litert-torch", "ai-edge-litert"), targets=("tflite-int8", "tflite-fp32"),

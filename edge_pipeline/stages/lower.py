@@ -22,8 +22,9 @@ from edge_pipeline import progress
 from edge_pipeline.backends import artifact_bytes, artifact_gzip_bytes, artifact_weights, get_backend, pt2e, spec
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, example_inputs, predict, run_artifact
-from edge_pipeline.interface import FlatModel, ModelInterface, unwrap
+from edge_pipeline.interface import FlatModel, ModelInterface, flat_name, unwrap
 from edge_pipeline.layer_error import noise_shares, output_sensitivity
+from edge_pipeline.rounding import rounded_weights, with_weights
 from edge_pipeline.stages import Stage
 from edge_pipeline.targets import Profile, load_profile, targets_config
 
@@ -81,6 +82,19 @@ class Reference:
         self.val_metric = ev.score_outputs(self.val, "val")
         self.test_metric = ev.score_outputs(self.test, "test")
         self.model = model
+        self._rounded: dict | None = None
+        self._int8_models: dict[frozenset, nn.Module] = {}
+
+    def int8_model(self, calibration, chosen) -> tuple[nn.Module, int]:
+        """The float model with the weights of the layers ``chosen(name, module)`` accepts rounded on the
+        representative set (``rounding``; computed once for every target of the stage), and how many. One copy
+        per set of layers, so the builds that share it share its export (``pt2e.export_for_calibration``)."""
+        if self._rounded is None:
+            self._rounded = rounded_weights(self.model, calibration)
+        names = frozenset(n for n, m in self.model.named_modules() if n in self._rounded and chosen(n, m))
+        if names not in self._int8_models:
+            self._int8_models[names] = with_weights(self.model, self._rounded, names)
+        return self._int8_models[names], len(names)
 
     def float_metrics(self) -> dict:
         """The float model's metric, and what int8 weights alone (activations float) reach: the honest ceiling
@@ -133,11 +147,18 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
         extra = {"qat": trained} if trained is not None else {}
         if activations != "static":
             extra["activations"] = activations
-        path = backend.export(model, example, calibration, profile, folder, iface, float_layers=float_layers,
+        exported, rounded = model, 0
+        grid = getattr(backend, "int8_weight_grid", None)
+        chosen = grid(profile) if grid and profile.precision == "int8" and trained is None else None
+        if chosen is not None:  # int8 weights rounded on the data; the fallback's float layers keep theirs
+            floats = {flat_name(layer) for layer in float_layers}
+            exported, rounded = ref.int8_model(calibration,
+                                               lambda name, module: name not in floats and chosen(name, module))
+        path = backend.export(exported, example, calibration, profile, folder, iface, float_layers=float_layers,
                               fixtures=False, **extra)
         source = None if trained is None else pt2e.qat_outputs(model, calibration, backend.qat_quantizer(profile),
                                                                trained, ref.ev.data.test)
-        return path, evaluate(path, ref, profile, source)
+        return path, {**evaluate(path, ref, profile, source), "weights_rounded_on_data": rounded}
 
     def better(a: float, b: float) -> bool:
         return a > b if metric.higher_is_better else a < b
