@@ -81,7 +81,7 @@ def test_litert_int8_file_holds_the_integers_chosen(tmp_path):
     model = SmallNet().eval()
     calibration = smooth_images(64, 0)
     rounded = rounded_weights(model, (calibration,))
-    copy = FlatModel(with_weights(model, rounded, rounded))
+    copy = FlatModel(with_weights(model, rounded))
     example = (torch.from_numpy(calibration[:1]),)
     path = tflite.export(copy, example, (calibration,), load_profile("tflite-int8"), tmp_path,
                          discover(copy.model, (calibration[:1],)), fixtures=False)

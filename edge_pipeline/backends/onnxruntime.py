@@ -310,18 +310,22 @@ def depthwise_weights(model) -> list[str]:
     return found
 
 
+SEVEN_BIT_QMAX = 64  # quantize_static's symmetric int8 weights with reduce_range: -64..64, scale max |w| / 64
+
+
 def int8_weight_grid(profile: Profile):
-    """The layers ``quantize_static``/``quantize_dynamic`` give symmetric int8 weights per output channel over
-    +-127 (scale max |w| / 127, on the weights after BatchNorm folding, which scales a channel and its scale
-    alike): all of them in a per-channel file, only the depthwise convs where the file's other weights are 7-bit
-    (``reduces_range``). See ``rounding``."""
-    from edge_pipeline.rounding import depthwise
+    """``(name, module) -> qmax or None``: the grid ``quantize_static``/``quantize_dynamic`` put each layer's
+    symmetric per-channel weights on (scale max |w| / qmax, on the weights after BatchNorm folding, which scales a
+    channel and its scale alike): +-127, or +-64 for the 7-bit weights of a ``reduces_range`` file's convs other
+    than depthwise. See ``rounding``."""
+    from edge_pipeline.rounding import QMAX, depthwise
 
     if not profile.quantization.per_channel:
         return None
     per_tensor = {flat_name(name) for name in profile.quantization.per_tensor_layers}
     seven_bit = reduces_range(profile)
-    return lambda name, module: name not in per_tensor and (not seven_bit or depthwise(module))
+    return lambda name, module: (None if name in per_tensor else
+                                 SEVEN_BIT_QMAX if seven_bit and not depthwise(module) else QMAX)
 
 
 WEIGHT_BITS_REASON = {

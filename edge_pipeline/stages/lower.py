@@ -24,7 +24,7 @@ from edge_pipeline.errors import PipelineError
 from edge_pipeline.evaluation import Evaluator, agreement, example_inputs, predict, run_artifact
 from edge_pipeline.interface import FlatModel, ModelInterface, flat_name, unwrap
 from edge_pipeline.layer_error import noise_shares, output_sensitivity
-from edge_pipeline.rounding import rounded_weights, with_weights
+from edge_pipeline.rounding import round_layer, second_moments, with_weights
 from edge_pipeline.stages import Stage
 from edge_pipeline.targets import Profile, load_profile, targets_config
 
@@ -86,19 +86,27 @@ class Reference:
         self.val_metric = ev.score_outputs(self.val, "val")
         self.test_metric = ev.score_outputs(self.test, "test")
         self.model = model
-        self._rounded: dict | None = None
-        self._int8_models: dict[frozenset, nn.Module] = {}
+        self._moments: dict | None = None
+        self._rounded: dict[tuple[str, int], torch.Tensor | None] = {}
+        self._int8_models: dict[frozenset, tuple[nn.Module, int]] = {}
 
-    def int8_model(self, calibration, chosen) -> tuple[nn.Module, int]:
-        """The float model with the weights of the layers ``chosen(name, module)`` accepts rounded on the
-        representative set (``rounding``; computed once for every target of the stage), and how many. One copy
-        per set of layers, so the builds that share it share its export (``pt2e.export_for_calibration``)."""
-        if self._rounded is None:
-            self._rounded = rounded_weights(self.model, calibration)
-        names = frozenset(n for n, m in self.model.named_modules() if n in self._rounded and chosen(n, m))
-        if names not in self._int8_models:
-            self._int8_models[names] = with_weights(self.model, self._rounded, names)
-        return self._int8_models[names], len(names)
+    def int8_model(self, calibration, grid) -> tuple[nn.Module, int]:
+        """The float model with the weights of the layers ``grid(name, module)`` gives a grid (its +-qmax) rounded
+        on the representative set (``rounding``; the inputs' second moments computed once for every target of
+        the stage), and how many. One copy per set of layers and grids, so the builds that share it share its
+        export (``pt2e.export_for_calibration``)."""
+        if self._moments is None:
+            self._moments = second_moments(self.model, calibration)
+        layers = dict(self.model.named_modules())
+        chosen = {n: q for n in self._moments if (q := grid(n, layers[n]))}
+        key = frozenset(chosen.items())
+        if key not in self._int8_models:
+            for n, q in chosen.items():
+                if (n, q) not in self._rounded:
+                    self._rounded[n, q] = round_layer(layers[n].weight, self._moments[n], q)
+            weights = {n: self._rounded[n, q] for n, q in chosen.items() if self._rounded[n, q] is not None}
+            self._int8_models[key] = (with_weights(self.model, weights), len(weights))
+        return self._int8_models[key]
 
     def float_metrics(self) -> dict:
         """The float model's metric, and what int8 weights alone (activations float) reach: the honest ceiling
