@@ -289,7 +289,7 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
                     exports += 1
                     # What the per-inference scales cost on this host: int8 that runs far slower than the static
                     # build is not what a user ships (EfficientNet-Lite0's LiteRT file: 21.2 ms against the static
-                    # build's 4.7 ms and fp32's 9.5 ms, for one val photo).
+                    # build's 5.0 ms and fp32's 9.5 ms, for one val photo).
                     price = ({"static_p50_ms": host_p50_ms(path, example, profile.threads),
                               "dynamic_p50_ms": host_p50_ms(trial_path, example, profile.threads)}
                              if improves(trial_metrics, metrics) else None)
