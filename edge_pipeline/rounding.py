@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from edge_pipeline.interface import flat_name
+
 QMAX = 127
 MIN_SCALE = 2 ** -12  # the PT2E weight observers' eps: a channel under it gets another scale, so it is left alone
 SWEEPS = 3
@@ -32,18 +34,33 @@ MIN_SQNR_DB = 10.0
 MAX_INPUTS = 2048  # a layer reading more inputs per output (C_in * kh * kw) keeps nearest rounding: H is D x D
 
 
-def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The layer's inputs as rows of what one output element reads: (rows, C_in * kh * kw) for a conv,
-    (rows, features) for a Linear."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
+def per_channel_grid(profile, qmax_for):
+    """A backend's ``int8_weight_grid``: ``(name, module) -> qmax or None`` over the layers a profile quantizes
+    per channel (all but its ``per_tensor_layers``; none where ``per_channel`` is off), each on the grid
+    ``qmax_for(module)`` its backend uses."""
+    if not profile.quantization.per_channel:
+        return None
+    per_tensor = {flat_name(name) for name in profile.quantization.per_tensor_layers}
+    return lambda name, module: None if name in per_tensor else qmax_for(module)
+
+
+def _columns(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A conv's input as what each output position reads: (N, C_in * kh * kw, positions)."""
     if isinstance(layer, nn.Conv1d):
         x = x.unsqueeze(-1)
         kernel, dilation, padding, stride = (layer.kernel_size[0], 1), (layer.dilation[0], 1), \
             (layer.padding[0], 0), (layer.stride[0], 1)
     else:
         kernel, dilation, padding, stride = layer.kernel_size, layer.dilation, layer.padding, layer.stride
-    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C_in * k, L)
+    return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
+
+
+def _patches(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The layer's inputs as rows of what one output element reads: (rows, C_in * kh * kw) for a conv,
+    (rows, features) for a Linear."""
+    if isinstance(layer, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    cols = _columns(layer, x)
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -76,8 +93,7 @@ class _SecondMoment:
         x = args[0].detach().float()
         if depthwise(self.layer):
             c, k = self.layer.in_channels, self.layer.kernel_size[0] * self.layer.kernel_size[1]
-            cols = F.unfold(x, self.layer.kernel_size, dilation=self.layer.dilation, padding=self.layer.padding,
-                            stride=self.layer.stride).reshape(x.shape[0], c, k, -1)
+            cols = _columns(self.layer, x).reshape(x.shape[0], c, k, -1)
             h = torch.einsum("ncil,ncjl->cij", cols, cols)
         else:
             p = _patches(self.layer, x)

@@ -46,6 +46,16 @@ def _save_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
     prog.save(str(path), external_data=False)
 
 
+def _pre_onnx(model: nn.Module, example: tuple[torch.Tensor, ...], iface: ModelInterface, build: Path) -> Path:
+    """float.onnx -> pre.onnx in ``build`` (``quant_pre_process``: shapes inferred, BatchNorm folded): what both
+    quantizers read."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    _float_onnx(model, example, build / "float.onnx", iface)
+    quant_pre_process(str(build / "float.onnx"), str(build / "pre.onnx"))
+    return build / "pre.onnx"
+
+
 def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tuple[np.ndarray, ...],
               profile: Profile, iface: ModelInterface, build: Path, float_layers=(),
               default_flow: bool = False) -> tuple[Path, int]:
@@ -53,11 +63,8 @@ def _quantize(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: 
     many depthwise convs kept 8-bit weights in a 7-bit (``reduces_range``) file."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    _float_onnx(model, example, build / "float.onnx", iface)
-    pre = build / "pre.onnx"
-    quant_pre_process(str(build / "float.onnx"), str(pre))
+    pre = _pre_onnx(model, example, iface, build)
     q = profile.quantization
     eight_bit_depthwise = []
     if default_flow:  # quantize_static's own defaults (QDQ, per-tensor, MinMax, QUInt8 activations)
@@ -260,11 +267,8 @@ def _quantize_dynamic(model: nn.Module, example: tuple[torch.Tensor, ...], profi
     again, and with 8-bit weights lost 5 points of top-1."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    _float_onnx(model, example, build / "float.onnx", iface)
-    pre = build / "pre.onnx"
-    quant_pre_process(str(build / "float.onnx"), str(pre))
+    pre = _pre_onnx(model, example, iface, build)
     pre_model = onnx.load(str(pre))
     depthwise = set(depthwise_weights(pre_model))
     kept = {n.name for n in pre_model.graph.node if n.op_type == "Conv" and n.input[1] in depthwise}
@@ -314,18 +318,13 @@ SEVEN_BIT_QMAX = 64  # quantize_static's symmetric int8 weights with reduce_rang
 
 
 def int8_weight_grid(profile: Profile):
-    """``(name, module) -> qmax or None``: the grid ``quantize_static``/``quantize_dynamic`` put each layer's
-    symmetric per-channel weights on (scale max |w| / qmax, on the weights after BatchNorm folding, which scales a
-    channel and its scale alike): +-127, or +-64 for the 7-bit weights of a ``reduces_range`` file's convs other
-    than depthwise. See ``rounding``."""
-    from edge_pipeline.rounding import QMAX, depthwise
+    """The grid ``quantize_static``/``quantize_dynamic`` put each layer's symmetric per-channel weights on (on the
+    weights after BatchNorm folding, which scales a channel and its scale alike): +-127, or +-64 for the 7-bit
+    weights of a ``reduces_range`` file's convs other than depthwise. See ``rounding``."""
+    from edge_pipeline.rounding import QMAX, depthwise, per_channel_grid
 
-    if not profile.quantization.per_channel:
-        return None
-    per_tensor = {flat_name(name) for name in profile.quantization.per_tensor_layers}
     seven_bit = reduces_range(profile)
-    return lambda name, module: (None if name in per_tensor else
-                                 SEVEN_BIT_QMAX if seven_bit and not depthwise(module) else QMAX)
+    return per_channel_grid(profile, lambda module: SEVEN_BIT_QMAX if seven_bit and not depthwise(module) else QMAX)
 
 
 WEIGHT_BITS_REASON = {

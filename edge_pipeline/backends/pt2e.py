@@ -44,16 +44,11 @@ CALIBRATION_BATCH = 32
 
 
 def int8_weight_grid(profile: Profile):
-    """``(name, module) -> qmax or None``: the layers whose int8 weights the PT2E quantizers (XNNPACK's,
-    litert-torch's) make symmetric per output channel over +-127, scale max |w| / 127: every layer but the
-    profile's per-tensor ones, where weights are per channel at all (``rounding``: the lower stage chooses their
-    rounding on the data). None: no such layer."""
-    from edge_pipeline.rounding import QMAX
+    """The PT2E quantizers (XNNPACK's, litert-torch's) make int8 weights symmetric per output channel over +-127,
+    scale max |w| / 127. See ``rounding``."""
+    from edge_pipeline.rounding import QMAX, per_channel_grid
 
-    if not profile.quantization.per_channel:
-        return None
-    per_tensor = {flat_name(name) for name in profile.quantization.per_tensor_layers}
-    return lambda name, _module: None if name in per_tensor else QMAX
+    return per_channel_grid(profile, lambda _module: QMAX)
 
 
 _LAST_EXPORT: dict = {}  # the last float export, reused while the model and the representative set are the same
