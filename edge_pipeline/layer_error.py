@@ -134,3 +134,41 @@ def output_sensitivity(model: nn.Module, calibration: tuple, rows: tuple, batch:
         out[name] = NO_ERROR_DB if noise <= power * 10 ** (-NO_ERROR_DB / 10) else 10 * math.log10(power / noise)
     model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def row_range_spread(model: nn.Module, calibration: tuple, batch: int = 32) -> tuple[str, float] | None:
+    """The Conv/Linear input whose representative rows need int8 ranges furthest apart, and how far: the largest
+    |x| over all rows (what one static range per tensor must hold) over the median row's own largest |x| (what
+    that row uses of it). At a spread of 16 the median row is quantized on a sixteenth of the steps.
+
+    A static range cannot serve such a tensor however calibrated; a scale per row, computed at run time, can.
+    Layers whose median row is all zero are left out: zeros are exact in int8 at any range."""
+    from edge_pipeline.interface import unwrap
+
+    peaks: dict[str, list[torch.Tensor]] = {}
+
+    def record(name):
+        def hook(_mod, args):
+            x = args[0].detach()
+            peaks.setdefault(name, []).append(x.reshape(len(x), -1).abs().amax(1).double())
+        return hook
+
+    layers = {n: m for n, m in unwrap(model).named_modules() if isinstance(m, LAYERS) and n}
+    handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(calibration[0]), batch):
+            model(*[torch.from_numpy(a[i:i + batch]) for a in calibration])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    spreads = {}
+    for name, rows in peaks.items():
+        per_row = torch.cat(rows)
+        median = float(per_row.median())
+        if median > 0:
+            spreads[name] = float(per_row.max()) / median
+    return max(spreads.items(), key=lambda kv: kv[1]) if spreads else None

@@ -140,6 +140,8 @@ def _fallback_text(t: dict) -> str:
         return f"{kept}; {dynamic}" if dynamic else kept
     if dynamic:
         return dynamic
+    if t.get("dynamic_activations_refused") and t.get("fallback_exports", 1) == 2:
+        return f"static activations kept; tried {t['dynamic_activations_refused']}"
     return fb.get("not_tried") or fb.get("unsupported") or ("tried, did not help" if t.get("fallback_exports", 1) > 1
                                                             else "not needed")
 

@@ -238,3 +238,35 @@ def test_rows_that_need_different_ranges_get_activations_quantized_per_inference
     assert t["activations"] == "static" and t["failures"], "the static build ships, and misses"
     assert "host p50" in t["dynamic_activations_refused"] and "tried activations quantized per inference" in \
         t["failures"][-1], t["failures"][-1]
+
+
+@pytest.mark.slow
+def test_rows_whose_ranges_lie_far_apart_get_the_per_inference_build_tried_even_where_static_int8_passes(
+        digits, tmp_path, monkeypatch):
+    """The spread of the representative rows' ranges is measured on the float model (each Conv/Linear input's
+    largest row peak over its median row's). Under ``ROW_SPREAD_LIMIT`` static int8 that meets its budgets ships
+    with no trial; at or over it the per-inference build is tried and ships because it meets the budgets with its
+    outputs closer to float on val, even though the static build passed (the limit is patched to 1 here: the
+    decision is under test, not this digits model's spread)."""
+    from edge_pipeline.layer_error import row_range_spread
+    from edge_pipeline.stages import lower
+
+    model = fit(build_model("zoo:mobilenetv2-tiny", 10, 1), digits.train, epochs=3, lr=3e-3)
+    layer, spread = row_range_spread(model, (digits.train.x[:128],))
+    assert 1 < spread < lower.ROW_SPREAD_LIMIT and layer in dict(model.named_modules())
+    row_scaled = fit(RowScaledMLP(float(np.median(digits.train.x.reshape(len(digits.train.x), -1).mean(1)))),
+                     digits.train, epochs=3, lr=5e-3)
+    assert row_range_spread(row_scaled, (digits.train.x[:128],))[1] >= lower.ROW_SPREAD_LIMIT
+
+    ev, calibration = evaluator_for(model, digits), digits.train.x[:128]
+    static = lower_all(model, [load_profile(n) for n in INT8], ev, calibration, tmp_path / "a")["targets"]
+    monkeypatch.setattr(lower, "ROW_SPREAD_LIMIT", 1.0)
+    monkeypatch.setattr(lower, "DYNAMIC_MAX_SLOWDOWN", float("inf"))
+    tried = lower_all(model, [load_profile(n) for n in INT8], ev, calibration, tmp_path / "b")["targets"]
+    for name in INT8:
+        s, t = static[name], tried[name]
+        assert s["activations"] == "static" and not s["failures"] and "fallback_exports" not in s, s.get("fallback")
+        assert s["activation_row_spread"] == {"layer": layer, "ratio": round(spread, 2), "limit": 8.0}
+        assert t["activations"] == "dynamic" and not t["failures"] and t["fallback_exports"] == 2, (name, t)
+        assert t["fallback"]["static"]["val_parity"]["cosine"] <= t["val_parity"]["cosine"]
+        assert t["fallback"]["static"]["val_metric"] == s["val_metric"], "the static build it replaced"
