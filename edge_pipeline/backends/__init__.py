@@ -8,8 +8,9 @@ A module is a backend when it declares ``BACKEND = Backend(...)`` (what it is an
   the device tool's golden-I/O files.
 - ``describe(path) -> dict``: what an integrator needs (I/O, int8 scale/zero point, operators).
 - ``weights(path)`` where the artifact's weights can be read back (``Backend.weights``);
-- ``int8_weight_grid(profile)`` (optional): the grid its int8 build puts each layer's symmetric per-channel
-  weights on (``(name, module) -> qmax or None``, scale max |w| / qmax; or None for no layer): the lower stage
+- ``int8_weight_grid(profile, activations="static")`` (optional): the grid its int8 build (static or per-inference
+  activations) puts each layer's symmetric per-channel weights on (``(name, module) -> qmax or None``, scale
+  max |w| / qmax; None for a layer left float; or None for no layer): the lower stage
   rounds those on the data (``rounding``);
 - ``qat_quantizer(profile)`` where ``qat``; ``layer_errors(model, example, calibration, rows, profile, iface)
   -> {layer: dB}`` where ``layer_errors``.

@@ -184,7 +184,13 @@ DEVICE_TOOL = DeviceTool("executor_runner", lambda d: [d / "model.bpte"], _tool_
                          writes_outputs=True)
 
 
-int8_weight_grid = pt2e.int8_weight_grid  # see rounding.py
+def int8_weight_grid(profile: Profile, activations: str = "static"):
+    """PT2E's grid (see rounding.py). XNNPACK's per-inference (qd8) annotator quantizes 2-D convs other than
+    depthwise and Linears only: in such a build the others are float and keep their float weights."""
+    from edge_pipeline.rounding import depthwise
+
+    return pt2e.int8_weight_grid(profile, activations,
+                                 lambda module: depthwise(module) or not isinstance(module, (nn.Conv2d, nn.Linear)))
 
 
 BACKEND = Backend(

@@ -317,14 +317,21 @@ def depthwise_weights(model) -> list[str]:
 SEVEN_BIT_QMAX = 64  # quantize_static's symmetric int8 weights with reduce_range: -64..64, scale max |w| / 64
 
 
-def int8_weight_grid(profile: Profile):
+def int8_weight_grid(profile: Profile, activations: str = "static"):
     """The grid ``quantize_static``/``quantize_dynamic`` put each layer's symmetric per-channel weights on (on the
     weights after BatchNorm folding, which scales a channel and its scale alike): +-127, or +-64 for the 7-bit
-    weights of a ``reduces_range`` file's convs other than depthwise. See ``rounding``."""
+    weights of a ``reduces_range`` file's convs other than depthwise. See ``rounding``. A per-inference build
+    leaves depthwise convs float (``_quantize_dynamic``): they keep their float weights."""
     from edge_pipeline.rounding import QMAX, depthwise, per_channel_grid
 
     seven_bit = reduces_range(profile)
-    return per_channel_grid(profile, lambda module: SEVEN_BIT_QMAX if seven_bit and not depthwise(module) else QMAX)
+
+    def qmax_for(module):
+        if depthwise(module):
+            return None if activations == "dynamic" else QMAX
+        return SEVEN_BIT_QMAX if seven_bit else QMAX
+
+    return per_channel_grid(profile, qmax_for)
 
 
 WEIGHT_BITS_REASON = {

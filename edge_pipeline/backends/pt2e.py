@@ -43,12 +43,14 @@ def configure(base_config, profile: Profile):
 CALIBRATION_BATCH = 32
 
 
-def int8_weight_grid(profile: Profile):
+def int8_weight_grid(profile: Profile, activations: str = "static", left_float_when_dynamic=lambda _module: False):
     """The PT2E quantizers (XNNPACK's, litert-torch's) make int8 weights symmetric per output channel over +-127,
-    scale max |w| / 127. See ``rounding``."""
+    scale max |w| / 127. See ``rounding``. In a per-inference build the layers ``left_float_when_dynamic`` picks
+    stay float, and keep their float weights."""
     from edge_pipeline.rounding import QMAX, per_channel_grid
 
-    return per_channel_grid(profile, lambda _module: QMAX)
+    return per_channel_grid(profile, lambda module: None if activations == "dynamic"
+                            and left_float_when_dynamic(module) else QMAX)
 
 
 _LAST_EXPORT: dict = {}  # the last float export, reused while the model and the representative set are the same

@@ -173,7 +173,7 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
             extra["activations"] = activations
         exported, rounded = model, 0
         grid = getattr(backend, "int8_weight_grid", None)
-        chosen = grid(profile) if grid and profile.precision == "int8" and trained is None else None
+        chosen = grid(profile, activations) if grid and profile.precision == "int8" and trained is None else None
         if chosen is not None:  # int8 weights rounded on the data; the fallback's float layers keep theirs
             floats = {flat_name(layer) for layer in float_layers}
             exported, rounded = ref.int8_model(calibration,
