@@ -135,11 +135,12 @@ def _fallback_text(t: dict) -> str:
         price = (f" (host p50 {p50:.3f} ms against the static build's {static['host_p50_ms']:.3f} ms)"
                  if p50 and static.get("host_p50_ms") else "")
         dynamic = "activations quantized per inference" + price
+    why = f" (static int8 passed on val, but {t['static_int8_fragile']})" if t.get("static_int8_fragile") else ""
     if t.get("float_layers"):
         kept = f"kept in float: {', '.join(t['float_layers'])} (+{fb.get('size_cost_bytes', 0)} B)"
-        return f"{kept}; {dynamic}" if dynamic else kept
+        return (f"{kept}; {dynamic}" if dynamic else kept) + why
     if dynamic:
-        return dynamic
+        return dynamic + why
     if t.get("dynamic_activations_refused") and t.get("fallback_exports", 1) == 2:
         return f"static activations kept; tried {t['dynamic_activations_refused']}"
     return fb.get("not_tried") or fb.get("unsupported") or ("tried, did not help" if t.get("fallback_exports", 1) > 1
