@@ -43,10 +43,14 @@ DYNAMIC_MAX_SLOWDOWN = 1.5
 # EfficientNet-Lite0 (published weights, ImageNet photos) 1.8, BERT-tiny 1.6, EfficientViT-M0 3.9, MobileViT-XXS 5.2
 # (all within a point in static int8); briefly trained MobileNetV3s 14.5 (torchvision) and 67 (timm).
 ROW_SPREAD_LIMIT = 8.0
-# A layer that alone makes at least this share of the int8 noise (``output_sensitivity``) is tried in float even
-# where static int8 passes on val: EfficientViT-M0's depthwise conv after a patch merge made 61% of it, and its
-# ExecuTorch and ORT builds passed on 120 val crops and agreed with float on 94.2% of the test crops.
+# A layer that alone makes at least this share of the int8 noise (``output_sensitivity``), and alone takes the
+# outputs under DOMINANT_MAX_DB, is tried in float even where static int8 passes on val: one float layer is a cheap
+# fix where it is the cause. EfficientViT-M0's depthwise conv after a patch merge made 61% at 34 dB (its ExecuTorch
+# and ORT builds passed on 120 val crops and agreed with float on 94.2% of the test crops; the trial did not bring
+# them closer on val: their noise is in the attention matmuls, which this measure does not see). BERT-tiny's
+# classifier made all of it at 61 dB: not worth a float layer.
 DOMINANT_NOISE_SHARE = 0.5
+DOMINANT_MAX_DB = 40.0
 
 
 def locate_failure(model: nn.Module, example: tuple[torch.Tensor, ...],
@@ -243,7 +247,7 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
         output_db = {n: db for n, db in ref.layer_sensitivity(calibration).items()
                      if n not in keep_float}
         worst = min(output_db, key=output_db.get) if output_db else None
-        if worst and noise_shares(output_db)[worst] >= DOMINANT_NOISE_SHARE:
+        if worst and noise_shares(output_db)[worst] >= DOMINANT_NOISE_SHARE and output_db[worst] < DOMINANT_MAX_DB:
             dominant = worst
     fragile, fragile_reason = [], None
     if wide_rows:
