@@ -137,6 +137,22 @@ def output_sensitivity(model: nn.Module, calibration: tuple, rows: tuple, batch:
 
 
 @torch.no_grad()
+def feed_with_input_hooks(model: nn.Module, calibration: tuple, hooks: dict, batch: int) -> None:
+    """The model in eval mode over the representative set (a tuple of arrays, one row per sample) in batches, with
+    ``hooks[module](module, args)`` called on each module's inputs; hooks and training mode restored after."""
+    handles = [m.register_forward_pre_hook(hook) for m, hook in hooks.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(calibration[0]), batch):
+            model(*[torch.from_numpy(a[i:i + batch]) for a in calibration])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+
+
+@torch.no_grad()
 def row_range_spread(model: nn.Module, calibration: tuple, batch: int = 32) -> tuple[str, float] | None:
     """The Conv/Linear input whose representative rows need int8 ranges furthest apart, and how far: the largest
     |x| over all rows (what one static range per tensor must hold) over the median row's own largest |x| (what
@@ -154,17 +170,8 @@ def row_range_spread(model: nn.Module, calibration: tuple, batch: int = 32) -> t
             peaks.setdefault(name, []).append(x.reshape(len(x), -1).abs().amax(1).double())
         return hook
 
-    layers = {n: m for n, m in unwrap(model).named_modules() if isinstance(m, LAYERS) and n}
-    handles = [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(calibration[0]), batch):
-            model(*[torch.from_numpy(a[i:i + batch]) for a in calibration])
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    feed_with_input_hooks(model, calibration, {m: record(n) for n, m in unwrap(model).named_modules()
+                                               if isinstance(m, LAYERS) and n}, batch)
     spreads = {}
     for name, rows in peaks.items():
         per_row = torch.cat(rows)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from edge_pipeline.interface import flat_name
+from edge_pipeline.layer_error import feed_with_input_hooks
 
 QMAX = 127
 MIN_SCALE = 2 ** -12  # the PT2E weight observers' eps: a channel under it gets another scale, so it is left alone
@@ -140,16 +141,7 @@ def second_moments(model: nn.Module, calibration: tuple[np.ndarray, ...], batch:
     a layer these inputs do not reach is left out."""
     layers = {n: m for n, m in model.named_modules() if n and roundable(m)}
     moments = {n: _SecondMoment(m) for n, m in layers.items()}
-    handles = [m.register_forward_pre_hook(moments[n]) for n, m in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        for i in range(0, len(calibration[0]), batch):
-            model(*[torch.from_numpy(a[i:i + batch]) for a in calibration])
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
+    feed_with_input_hooks(model, calibration, {m: moments[n] for n, m in layers.items()}, batch)
     return {n: m.h for n, m in moments.items() if m.h is not None}
 
 

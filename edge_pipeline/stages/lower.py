@@ -398,17 +398,16 @@ def lower_target(model: FlatModel, iface: ModelInterface, profile: Profile, ref:
     metrics["failures"] = budget_failures(profile, metrics)
     accuracy_missed = metrics["parity_misses"] or profile.budgets.violations(accuracy_drop=metrics["metric_drop"])
     if int8 and qat is None and accuracy_missed:
-        metrics["failures"].append(int8_diagnosis(model, calibration, ref.ev.data.val, metrics))
+        metrics["failures"].append(int8_diagnosis(ref, calibration, metrics))
     return metrics
 
 
-def int8_diagnosis(model: FlatModel, calibration, val, metrics: dict) -> str:
+def int8_diagnosis(ref: Reference, calibration, metrics: dict) -> str:
     """Why an int8 build misses its accuracy or parity budget, in one sentence: the layers whose int8 alone hurts
     the outputs most (computed here if the fallback did not), what the fallback did, and what to do."""
     output_db = metrics.get("layer_sensitivity_db")
-    if output_db is None:
-        output_db = output_sensitivity(model, calibration, val.rows(np.arange(min(LAYER_ERROR_ROWS, len(val)))))
-        metrics["layer_sensitivity_db"] = output_db
+    if output_db is None:  # the float model's, computed once per stage (``Reference.layer_sensitivity``)
+        output_db = metrics["layer_sensitivity_db"] = ref.layer_sensitivity(calibration)
     worst = sorted(output_db, key=output_db.get)[:3]
     shares = noise_shares(output_db)
     named = ", ".join(f"'{n}' ({output_db[n]:.1f} dB alone, {shares[n]:.0%} of the noise)" for n in worst)
