@@ -50,6 +50,12 @@ def noise_shares(errors_db: dict[str, float]) -> dict[str, float]:
     return {k: (n / total if total else 0.0) for k, n in noise.items()}
 
 
+def combined_db(errors_db: dict[str, float]) -> float:
+    """The SQNR (dB) these layers' own noise makes together (noise ratios of independent sources add)."""
+    total = sum(_noise(v) for v in errors_db.values())
+    return math.inf if total == 0 else -10 * math.log10(total)
+
+
 def _fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     flat = w.reshape(w.shape[0], -1)
     scale = flat.abs().amax(1).clamp(min=1e-12) / 127

@@ -287,3 +287,55 @@ def test_fragile_static_int8_gets_other_builds_tried_even_where_it_passes_on_val
         assert t["val_parity"]["cosine"] > t["fallback"]["all_int8"]["val_parity"]["cosine"]
     else:
         assert t["val_parity"] == static[name]["val_parity"], "the static build ships as it was"
+
+    # Outputs on val further from float than the Conv/Linear layers' int8 alone takes them (patched: any gap) get
+    # the per-inference build tried, and the gap is recorded.
+    monkeypatch.setattr(lower, "DOMINANT_NOISE_SHARE", 2.0)
+    monkeypatch.setattr(lower, "UNEXPLAINED_NOISE_DB", -float("inf"))
+    t = lower_all(model, [load_profile(name)], ev, calibration, tmp_path / "d")["targets"][name]
+    assert "where its Conv/Linear layers' int8 alone takes them to" in t["static_int8_fragile"], t
+    gap = t["noise_between_layers"]
+    assert gap["val_sqnr_db"] == round(static[name]["val_parity"]["sqnr_db"], 2) and gap["layers_alone_db"] > 0
+    assert t["fallback_exports"] == 2 and not t["failures"]
+    assert t["activations"] == "dynamic" or "dynamic_activations_refused" in t, t
+
+
+class ConvAttention(nn.Module):
+    """An EfficientViT-style block on a feature map: 1x1 query/key/value convs, softmax(q^T k), a residual."""
+
+    def __init__(self, c: int = 16, kd: int = 8):
+        super().__init__()
+        self.qkv, self.kd, self.proj = nn.Conv2d(c, 2 * kd + c, 1), kd, nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).view(b, -1, h * w).split([self.kd, self.kd, c], dim=1)
+        attn = (q.transpose(-2, -1) @ k).softmax(-1)
+        return x + self.proj((v @ attn.transpose(-2, -1)).view(b, c, h, w))
+
+
+def test_per_inference_executorch_int8_builds_for_a_model_with_attention_its_attention_kept_float(tmp_path):
+    """XNNPACK's channels-last pass fails on a batched matmul in a dynamically quantized graph ("required rank 4
+    tensor to use channels_last format"); the modules that multiply two activations stay float there, found in
+    the exported graph (a Linear's product with its weight is not one), and the file runs close to float."""
+    from edge_pipeline.backends import get_backend, pt2e
+    from edge_pipeline.harness import runner
+    from edge_pipeline.interface import FlatModel, discover
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), ConvAttention(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(16, 4)).eval()
+    model, example = FlatModel(net), (torch.randn(1, 3, 16, 16),)
+    assert pt2e.activation_product_modules(model, example) == ["2"]
+    assert pt2e.activation_product_modules(FlatModel(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))),
+                                           (torch.zeros(1, 4),)) == []
+    calibration = (np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32),)
+    profile = load_profile("executorch-xnnpack-int8")
+    path = get_backend("executorch").export(model, example, calibration, profile, tmp_path, discover(
+        net, tuple(t.numpy() for t in example), None), fixtures=False, activations="dynamic")
+    described = json.loads((tmp_path / "describe.json").read_text())
+    assert described["float_layers"] == ["2"] and described["activations"] == "dynamic", described
+    x = calibration[0][:1]
+    _, outputs = runner.measure(str(path), [x], runs=2, warmup=1)
+    want = net(torch.from_numpy(x)).detach().numpy()
+    assert np.allclose(outputs[0], want, atol=0.05 * np.abs(want).max()), (outputs[0], want)

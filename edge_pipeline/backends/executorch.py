@@ -75,6 +75,12 @@ def export(model: nn.Module, example: tuple[torch.Tensor, ...], calibration: tup
     if profile.precision == "int8" and qat is not None:
         model = pt2e.convert_qat(model, calibration, qat_quantizer(profile), qat)
     elif profile.precision == "int8":
+        if activations == "dynamic":
+            # XNNPACK's channels-last pass fails on a batched matmul's expand in a dynamically quantized graph
+            # ("required rank 4 tensor to use channels_last format": EfficientViT-M0's attention blocks, built
+            # statically without complaint): the modules that multiply two activations stay float there.
+            products = pt2e.activation_product_modules(model, example)
+            float_layers = tuple(float_layers) + tuple(m for m in products if m not in float_layers)
         model = pt2e.quantize(model, calibration,
                               _quantizer(profile, float_layers, default_flow, dynamic=activations == "dynamic"))
     ep = _export_for_xnnpack(model, example)

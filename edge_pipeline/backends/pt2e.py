@@ -606,6 +606,29 @@ def output_layers(gm: torch.fx.GraphModule) -> list[str]:
     return found
 
 
+# Ops that multiply two activations: attention's query-key scores and its weighted sum of the values.
+ACTIVATION_PRODUCTS = ("matmul", "bmm", "baddbmm", "mm", "einsum", "scaled_dot_product_attention")
+
+
+def activation_product_modules(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
+    """The modules around ops that multiply two activations (attention blocks), as layer names: the innermost
+    module of each such op. A product with a weight (a Linear exported as ``t`` then ``mm``) is not one."""
+    ep = torch.export.export(model, example)
+    sig = ep.graph_signature
+    constant = set(sig.inputs_to_parameters) | set(sig.inputs_to_buffers) | set(sig.inputs_to_lifted_tensor_constants)
+    found: dict[str, None] = {}
+    for node in ep.graph.nodes:
+        inputs = node.all_input_nodes
+        if node.op != "call_function" or not inputs:
+            continue
+        if all(a.name in constant for a in inputs):
+            constant.add(node.name)  # computed from weights alone
+        elif (str(node.target).split(".") + [""])[1] in ACTIVATION_PRODUCTS and \
+                sum(a.name not in constant for a in inputs) >= 2 and module_path(node):
+            found[module_path(node)] = None
+    return [p.removeprefix(flat_name("") + ".") for p in found if p != flat_name("")]
+
+
 def module_path(node) -> str | None:
     """The path of the module an exported graph's node came from (the innermost on its stack), or None."""
     stack = node.meta.get("nn_module_stack") or {}
