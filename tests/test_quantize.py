@@ -479,3 +479,40 @@ def test_a_static_int8_output_takes_the_range_that_serves_the_rows():
             assert chosen < 1.0 and step < float(x.abs().max()) / 127 / 2, (chosen, step)
         else:
             assert chosen == 1.0, chosen
+
+
+def test_ort_per_inference_convs_get_a_weight_scale_per_output_channel(tmp_path):
+    """quantize_dynamic gives each ConvInteger one weight scale per tensor; after BatchNorm folding channels 1000x
+    apart in scale, the small ones would round to zero. The file's conv weights are quantized per output channel
+    (a [C, 1, 1] scale the float Mul after the conv broadcasts), and the small channels' outputs stay right."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edge_pipeline.backends import get_backend
+    from edge_pipeline.harness import runner
+    from edge_pipeline.interface import discover
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1),
+                        nn.BatchNorm2d(8)).eval()
+    with torch.no_grad():  # output channels 1000x apart, as BatchNorm's scales leave some trained convs
+        for bn in (net[1], net[4]):
+            bn.weight.copy_(torch.logspace(-3, 0, 8))
+    example = (torch.randn(1, 3, 8, 8),)
+    calibration = (np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32),)
+    path = get_backend("onnxruntime").export(FlatModel(net), example, calibration, load_profile("ort-mobile-int8"),
+                                             tmp_path, discover(net, (example[0].numpy(),), None), fixtures=False,
+                                             activations="dynamic")
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "ConvInteger"]
+    assert len(convs) == 2
+    for n in convs:
+        scale = inits[n.input[1].removesuffix("_quantized") + "_scale"]
+        assert scale.shape == (8, 1, 1) and scale.max() / scale.min() > 100, scale.ravel()
+        assert np.abs(inits[n.input[1]]).max(axis=(1, 2, 3)).min() >= 126, "every channel spans the int8 grid"
+    x = calibration[0][:1]
+    _, outputs = runner.measure(str(path), [x], runs=2, warmup=1)
+    want = net(torch.from_numpy(x)).detach().numpy()
+    small = np.abs(outputs[0][:, 0] - want[:, 0]).max() / np.abs(want[:, 0]).max()
+    assert small < 0.05, f"the smallest channel's error is {small:.1%} of its range"
