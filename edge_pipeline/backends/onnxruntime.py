@@ -15,6 +15,7 @@ from edge_pipeline.backends import Backend, DeviceTool, activations_entry
 from edge_pipeline.devices.tool_output import NUM, latency
 from edge_pipeline.errors import PipelineError
 from edge_pipeline.interface import ModelInterface, flat_name
+from edge_pipeline.rounding import QMAX
 from edge_pipeline.targets import Profile, converter_platform
 
 SUFFIX = ".ort"
@@ -277,12 +278,18 @@ def _quantize_dynamic(model: nn.Module, example: tuple[torch.Tensor, ...], profi
                      weight_type=QuantType.QInt8, reduce_range=reduces_range(profile),
                      op_types_to_quantize=list(ONNX_LAYER_OPS), nodes_to_exclude=sorted(kept))
     if profile.quantization.per_channel:
-        conv_weights_per_channel(build / "dynamic.onnx", pre_model,
-                                 SEVEN_BIT_QMAX if reduces_range(profile) else QMAX_INT8)
+        conv_weights_per_channel(build / "dynamic.onnx", pre_model, SEVEN_BIT_QMAX if reduces_range(profile) else QMAX)
     return build / "dynamic.onnx"
 
 
-QMAX_INT8 = 127
+def symmetric_per_channel(a: np.ndarray, axis: int, qmax: int = QMAX) -> tuple[np.ndarray, np.ndarray]:
+    """A weight quantized symmetrically per output channel (the slices along ``axis``): its int8 values and the
+    scales, max |w| / qmax (zero point 0)."""
+    moved = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
+    scale = np.maximum(np.abs(moved).max(1), 1e-12) / qmax
+    shape = [1] * a.ndim
+    shape[axis] = -1
+    return np.clip(np.round(a / scale.reshape(shape)), -qmax, qmax).astype(np.int8), scale
 
 
 def conv_weights_per_channel(path: Path, pre_model, qmax: int) -> int:
@@ -305,9 +312,7 @@ def conv_weights_per_channel(path: Path, pre_model, qmax: int) -> int:
         if base not in floats or base + "_scale" not in inits or zero is None or numpy_helper.to_array(zero).any():
             continue
         w = numpy_helper.to_array(floats[base]).astype(np.float64)
-        scale = np.abs(w.reshape(len(w), -1)).max(1) / qmax
-        scale[scale == 0] = 1.0  # an all-zero channel: any scale holds it
-        q = np.clip(np.round(w / scale.reshape(-1, *[1] * (w.ndim - 1))), -qmax, qmax).astype(np.int8)
+        q, scale = symmetric_per_channel(w, 0, qmax)
         inits[n.input[1]].CopyFrom(numpy_helper.from_array(q, n.input[1]))
         inits[base + "_scale"].CopyFrom(numpy_helper.from_array(
             scale.astype(np.float32).reshape(-1, *[1] * (w.ndim - 2)), base + "_scale"))
@@ -521,11 +526,7 @@ def int8_weights_only(path: Path, node_names: set[str]) -> None:
         a = numpy_helper.to_array(w)
         transposed = n.op_type == "Gemm" and any(at.name == "transB" and at.i for at in n.attribute)
         axis = 0 if n.op_type == "Conv" or transposed else a.ndim - 1  # the output channels' axis
-        moved = np.moveaxis(a, axis, 0).reshape(a.shape[axis], -1)
-        scale = np.maximum(np.abs(moved).max(1), 1e-12) / 127.0
-        shape = [1] * a.ndim
-        shape[axis] = -1
-        q = np.clip(np.round(a / scale.reshape(shape)), -127, 127).astype(np.int8)
+        q, scale = symmetric_per_channel(a, axis)
         model.graph.initializer.remove(w)
         model.graph.initializer.extend([numpy_helper.from_array(q, w.name + "_int8"),
                                         numpy_helper.from_array(scale.astype(np.float32), w.name + "_scale"),
