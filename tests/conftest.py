@@ -7,6 +7,16 @@ import yaml
 # one, and the tests read whole sentences: one width for every process the tests start.
 os.environ["COLUMNS"] = "200"
 
+# Each test worker (and every CLI run it starts) gets its share of the cores: with every process using all of
+# them, OpenMP's spinning threads fight, and the zoo check's brief training took 130 s beside another worker
+# against 10 s alone (2 workers, 2 cores). Subprocesses read OMP_NUM_THREADS; this process is told directly.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 @pytest.fixture(scope="session")
 def digits():
