@@ -80,6 +80,40 @@ def test_a_pad_before_a_strided_conv_runs_int8_in_executorch(pad_model, tmp_path
     assert cos > 0.99, cos
 
 
+class PadThenFloatConv(nn.Module):
+    """TF-style "same" padding at stride 1: an explicit symmetric zero pad before a depthwise convolution."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.dw = nn.Conv2d(16, 16, 3, groups=16)
+        self.pw = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        return self.pw(F.relu(self.dw(F.pad(x, (1, 1, 1, 1)))))
+
+
+def test_a_symmetric_pad_before_a_conv_kept_in_float_becomes_its_padding(tmp_path):
+    """The accuracy fallback's float conv takes its pad as its own padding: no float pad between two converts,
+    only the input's quantize and the dequantize into the float conv (the output layer after it reads its float
+    output); the outputs still match the float model."""
+    torch.manual_seed(0)
+    model, x = PadThenFloatConv().eval(), np.random.default_rng(0).random((48, 3, 16, 16), dtype=np.float32)
+    profile = load_profile("executorch-xnnpack-int8")
+    path = get_backend(profile.backend).export(FlatModel(model), (torch.from_numpy(x[:1]),), (x,), profile, tmp_path,
+                                               discover(model, (x[:1],)), float_layers=("dw",), fixtures=False)
+    ops = runner.op_profile(str(path), [x[:1]], threads=1, runs=3)["ops"]
+    names = [o["name"] for o in ops]
+    assert any("F32" in o["kind"] and "DWConv" in o["kind"] for o in ops), names  # dw really is float
+    assert not [o for o in ops if o["overhead"] == "pad"], names
+    assert len([o for o in ops if o["overhead"] == "convert"]) == 2, names
+    got = runner.Model(str(path), 1).run([x[:1]])[0]
+    with torch.no_grad():
+        want = model(torch.from_numpy(x[:1])).numpy()
+    assert (got * want).sum() / np.linalg.norm(got) / np.linalg.norm(want) > 0.99
+
+
 class ResidualsAfterPad(nn.Module):
     """A TF-style pad before a strided depthwise convolution, then two residual adds in a row (the second
     reads the first), as in EfficientNet's stages."""
