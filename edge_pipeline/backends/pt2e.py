@@ -408,18 +408,19 @@ def fold_symmetric_pads(gm: torch.fx.GraphModule) -> int:
         conv = next(iter(n.users))
         dims = {"conv1d.default": 1, "conv2d.default": 2}.get(_op(conv))
         amounts = list(n.args[1])
-        if dims is None or conv.args[0] is not n or len(amounts) > 2 * dims:
+        # torch.export writes a convolution's arguments positionally: (x, weight, bias, stride, padding, ...)
+        if dims is None or conv.kwargs or conv.args[0] is not n or len(amounts) > 2 * dims:
             continue
         amounts += [0] * (2 * dims - len(amounts))
-        padding = conv.args[4] if len(conv.args) > 4 else conv.kwargs.get("padding", [0] * dims)
+        padding = conv.args[4] if len(conv.args) > 4 else [0] * dims
         if isinstance(padding, str) or any(amounts[i] != amounts[i + 1] for i in range(0, 2 * dims, 2)):
             continue
         padding = list(padding) * (dims if len(padding) == 1 else 1)
         # F.pad's amounts run from the last dim backwards; a convolution's padding from the first spatial dim
         grown = [p + amounts[2 * (dims - 1 - d)] for d, p in enumerate(padding)]
-        args = list(conv.args) + [None, [1] * dims, [0] * dims][len(conv.args) - 2:]  # (x, w, bias, stride, padding)
+        args = list(conv.args) + [None, [1] * dims, [0] * dims][len(conv.args) - 2:]  # defaults up to padding
         args[0], args[4] = n.args[0], grown
-        conv.args, conv.kwargs = tuple(args), {k: v for k, v in conv.kwargs.items() if k != "padding"}
+        conv.args = tuple(args)
         gm.graph.erase_node(n)
         folded += 1
     if folded:
